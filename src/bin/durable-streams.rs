@@ -1,0 +1,159 @@
+//! `durable-streams`: a standalone Durable Streams server.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_durable_streams::{
+    CacheControlLayer, DurableStreamsService, LongPollLayer, MemoryStorage, SseLayer,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "durable-streams", version, about = "A Durable Streams server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the Durable Streams protocol over HTTP/1.1 and h2c.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4437")]
+    addr: SocketAddr,
+    /// Where streams are kept.
+    #[arg(long, value_enum, default_value_t = Storage::Memory)]
+    storage: Storage,
+    /// How long a long-poll waits for data, such as `500ms` or `30s`.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    long_poll_timeout: Duration,
+    /// How long an SSE connection lasts before the server ends it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    sse_lifetime: Duration,
+    /// The largest request body, in bytes.
+    #[arg(long, default_value_t = tower_durable_streams::service::DEFAULT_MAX_BODY_SIZE)]
+    max_body_size: usize,
+    /// The path below which streams live.
+    #[arg(long, default_value = "/v1/stream")]
+    prefix: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Storage {
+    /// In memory: fast, and gone when the process ends.
+    Memory,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    serve(args).await
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let storage = match args.storage {
+        Storage::Memory => MemoryStorage::new(),
+    };
+    let streams = ServiceBuilder::new()
+        .layer(CacheControlLayer::new())
+        .layer(SseLayer::new().connection_lifetime(args.sse_lifetime))
+        .layer(LongPollLayer::new().timeout(args.long_poll_timeout))
+        .service(
+            DurableStreamsService::new(storage)
+                .prefix(args.prefix.clone())
+                .max_body_size(args.max_body_size),
+        );
+    let app = service_fn(move |request: Request<Incoming>| {
+        let streams = streams.clone();
+        async move {
+            if request.uri().path() == "/health" {
+                let ok = Full::new(Bytes::from_static(b"ok\n")).map_err(|e| match e {});
+                return Ok::<_, Infallible>(Response::new(BoxBody::new(ok)));
+            }
+            let response = streams.oneshot(request).await?;
+            Ok(response.map(BoxBody::new))
+        }
+    });
+
+    let listener = TcpListener::bind(args.addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, storage = ?args.storage, prefix = %args.prefix, "listening");
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("shutting down");
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("closing connections that are still open");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,533 @@
+//! [`DurableStreamsService`]: the protocol's stream operations as a tower
+//! [`Service`].
+//!
+//! It answers `PUT` (create), `POST` (append and close), `GET` (catch-up
+//! reads), `HEAD`, `DELETE` and CORS preflights for every stream below its
+//! mount prefix. Live reads are added by wrapping it in
+//! [`LongPollLayer`](crate::long_poll::LongPollLayer) and
+//! [`SseLayer`](crate::sse::SseLayer), and caching headers by
+//! [`CacheControlLayer`](crate::cache_control::CacheControlLayer); without
+//! them a `live=` read is refused with `400`.
+//!
+//! Every failure becomes a response: the service's error type is
+//! [`Infallible`].
+
+mod request;
+pub(crate) mod response;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body as HttpBody;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use self::request::ReadQuery;
+pub(crate) use self::request::Refusal;
+use self::response as resp;
+use crate::body::Body;
+use crate::headers as h;
+use crate::json;
+use crate::live::{AtTail, Subscribe};
+use crate::offset::ReadFrom;
+use crate::storage::{rules, Append, AppendOutcome, Create, Read, StorageRequest, StorageResponse};
+use crate::BoxError;
+
+/// The default largest request body: 16 MiB.
+pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
+/// The default most bytes one catch-up read returns: 1 MiB.
+pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
+
+/// The Durable Streams protocol over a storage backend `S`.
+///
+/// `S` is any [`Service`] from [`StorageRequest`] to [`StorageResponse`],
+/// such as [`MemoryStorage`](crate::storage::MemoryStorage), possibly wrapped
+/// in tower middleware. It is cloned for each request.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, StatusCode};
+/// use tower::ServiceExt;
+/// use tower_durable_streams::{DurableStreamsService, storage::MemoryStorage};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let service = DurableStreamsService::new(MemoryStorage::new()).prefix("/v1/stream");
+///
+/// let create = Request::put("/v1/stream/chat")
+///     .header("content-type", "text/plain")
+///     .body(String::from("hello"))
+///     .unwrap();
+/// let response = service.clone().oneshot(create).await.unwrap();
+/// assert_eq!(response.status(), StatusCode::CREATED);
+/// assert!(response.headers().contains_key("stream-next-offset"));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DurableStreamsService<S> {
+    storage: S,
+    config: Arc<Config>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    prefix: String,
+    max_body_size: usize,
+    max_read_bytes: usize,
+    cors: bool,
+}
+
+impl<S> DurableStreamsService<S> {
+    /// Serves the streams of `storage`, each at the request path (no prefix).
+    pub fn new(storage: S) -> Self {
+        Self {
+            storage,
+            config: Arc::new(Config {
+                prefix: String::new(),
+                max_body_size: DEFAULT_MAX_BODY_SIZE,
+                max_read_bytes: DEFAULT_MAX_READ_BYTES,
+                cors: true,
+            }),
+        }
+    }
+
+    /// The path below which streams live, such as `/v1/stream`. A stream's
+    /// name is the rest of the path; other paths get `404`. The prefix also
+    /// applies to `Stream-Forked-From`.
+    ///
+    /// Routers that strip their own prefix before calling a nested service
+    /// (axum's `nest_service`) need none here. Default is no prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        Arc::make_mut(&mut self.config).prefix = prefix.trim_end_matches('/').to_owned();
+        self
+    }
+
+    /// The largest request body accepted; larger ones get `413`. Default is
+    /// 16 MiB.
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_body_size = bytes;
+        self
+    }
+
+    /// How many bytes one catch-up read gathers before it stops at a record
+    /// boundary. A single larger record is still returned whole. Default is
+    /// 1 MiB.
+    pub fn max_read_bytes(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_read_bytes = bytes.max(1);
+        self
+    }
+
+    /// Whether to answer CORS preflights and add `Access-Control-*` headers
+    /// that let any origin read. Turn it off when tower-http's `CorsLayer`
+    /// (or a proxy) handles CORS. Default is on.
+    pub fn cors(mut self, enabled: bool) -> Self {
+        Arc::make_mut(&mut self.config).cors = enabled;
+        self
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for DurableStreamsService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableStreamsService")
+            .field("storage", &self.storage)
+            .field("prefix", &self.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> Service<Request<B>> for DurableStreamsService<S>
+where
+    S: Service<StorageRequest, Response = StorageResponse> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Storage readiness is awaited per request, inside the future.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> ResponseFuture {
+        let handler = Handler {
+            storage: self.storage.clone(),
+            config: self.config.clone(),
+        };
+        ResponseFuture {
+            inner: Box::pin(handler.handle(request)),
+        }
+    }
+}
+
+/// The future of [`DurableStreamsService`].
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx).map(Ok)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+struct Handler<S> {
+    storage: S,
+    config: Arc<Config>,
+}
+
+type Outcome = Result<Response<Body>, Refusal>;
+
+impl<S> Handler<S>
+where
+    S: Service<StorageRequest, Response = StorageResponse> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    async fn handle<B>(self, request: Request<B>) -> Response<Body>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let cors = self.config.cors;
+        let is_head = request.method() == Method::HEAD;
+        let (parts, body) = request.into_parts();
+        let mut response = match self.dispatch(parts, body).await {
+            Ok(response) => response,
+            Err(refusal) => resp::refusal(refusal),
+        };
+        if is_head {
+            *response.body_mut() = Body::empty();
+        }
+        resp::common(response.headers_mut(), cors);
+        response
+    }
+
+    async fn dispatch<B>(self, parts: Parts, body: B) -> Outcome
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if parts.method == Method::OPTIONS && self.config.cors {
+            return Ok(resp::preflight());
+        }
+        let path = request::stream_key(parts.uri.path(), &self.config.prefix)?;
+        if path == "__ds" || path.starts_with("__ds/") {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "reserved for subscriptions, which this server does not offer",
+            ));
+        }
+        match parts.method {
+            Method::PUT => self.create(path, parts, body).await,
+            Method::POST => self.append(path, parts, body).await,
+            Method::GET => self.read(path, parts).await,
+            Method::HEAD => self.head(path).await,
+            Method::DELETE => self.delete(path).await,
+            _ => Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed",
+            )),
+        }
+    }
+
+    async fn call(self, request: StorageRequest) -> Result<StorageResponse, Response<Body>> {
+        self.storage
+            .oneshot(request)
+            .await
+            .map_err(|e| resp::storage_error(e.into()))
+    }
+
+    async fn create<B>(self, path: String, parts: Parts, body: B) -> Outcome
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let config = request::create_config(&parts.headers, &self.config.prefix)?;
+        let body = read_body(body, &parts.headers, self.config.max_body_size).await?;
+        let create = Create {
+            path,
+            config,
+            body,
+            now: SystemTime::now(),
+        };
+        let (created, info) = match self.call(StorageRequest::Create(create)).await {
+            Ok(StorageResponse::Created { created, info }) => (created, info),
+            Ok(other) => return Ok(unexpected(&other)),
+            Err(response) => return Ok(response),
+        };
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let mut response = resp::with_status(status, Body::empty());
+        let headers = response.headers_mut();
+        resp::describe(headers, &info);
+        if created {
+            resp::insert(headers, header::LOCATION, location(&parts));
+        }
+        Ok(response)
+    }
+
+    async fn append<B>(self, path: String, parts: Parts, body: B) -> Outcome
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let headers = &parts.headers;
+        let close = h::closed_flag(headers);
+        let producer = request::producer(headers)?;
+        let stream_seq = request::stream_seq(headers)?;
+        let body = read_body(body, headers, self.config.max_body_size).await?;
+        // With no body the request can only be a close, and its Content-Type
+        // (often a client library's default) is ignored.
+        let content_type = if body.is_empty() {
+            if !close {
+                return Err(Refusal::bad_request("empty body"));
+            }
+            None
+        } else {
+            Some(
+                request::content_type(headers)?
+                    .ok_or_else(|| Refusal::bad_request("missing Content-Type"))?,
+            )
+        };
+        let records = match &content_type {
+            Some(ct) => rules::records(ct, body, false),
+            None => Ok(Vec::new()),
+        };
+        let append = Append {
+            path,
+            content_type,
+            records,
+            close,
+            stream_seq,
+            producer,
+            now: SystemTime::now(),
+        };
+        let appended = match self.call(StorageRequest::Append(append)).await {
+            Ok(StorageResponse::Appended(appended)) => appended,
+            Ok(other) => return Ok(unexpected(&other)),
+            Err(response) => return Ok(response),
+        };
+        let (status, producer) = match appended.outcome {
+            AppendOutcome::Written { producer: None } | AppendOutcome::AlreadyClosed => {
+                (StatusCode::NO_CONTENT, None)
+            }
+            // New data from a producer is 200; a producer's close-only is 204.
+            AppendOutcome::Written { producer } if appended.appended => (StatusCode::OK, producer),
+            AppendOutcome::Written { producer } => (StatusCode::NO_CONTENT, producer),
+            AppendOutcome::Duplicate { producer } => (StatusCode::NO_CONTENT, Some(producer)),
+        };
+        let mut response = resp::with_status(status, Body::empty());
+        let headers = response.headers_mut();
+        resp::next_offset(headers, appended.info.tail, appended.info.closed);
+        if let Some(producer) = producer {
+            resp::insert(headers, h::PRODUCER_EPOCH, producer.epoch);
+            resp::insert(headers, h::PRODUCER_SEQ, producer.last_seq);
+        }
+        Ok(response)
+    }
+
+    async fn read(self, path: String, parts: Parts) -> Outcome {
+        let query = ReadQuery::parse(parts.uri.query())?;
+        let from = query.from()?;
+        let subscribe = parts.extensions.get::<Subscribe>().is_some();
+        match query.live.as_deref() {
+            None => {}
+            Some(mode @ ("long-poll" | "sse")) => {
+                if query.offset.is_none() {
+                    return Err(Refusal::bad_request("live reads need an offset"));
+                }
+                if !subscribe {
+                    return Err(Refusal::bad_request(format!("live={mode} is not enabled")));
+                }
+            }
+            Some(_) => return Err(Refusal::bad_request("unknown live mode")),
+        }
+        let read = Read {
+            path,
+            from,
+            max_bytes: self.config.max_read_bytes,
+            subscribe,
+            now: SystemTime::now(),
+        };
+        let result = match self.call(StorageRequest::Read(read)).await {
+            Ok(StorageResponse::Read(result)) => result,
+            Ok(other) => return Ok(unexpected(&other)),
+            Err(response) => return Ok(response),
+        };
+        let up_to_date = result.up_to_date();
+        let closed = result.info.closed && up_to_date;
+        let body = if result.info.content_type.is_json() {
+            Body::new(json::array(&result.records))
+        } else {
+            Body::from_chunks(result.records.iter().cloned())
+        };
+        let mut response = resp::with_status(StatusCode::OK, body);
+        let headers = response.headers_mut();
+        resp::insert(
+            headers,
+            header::CONTENT_TYPE,
+            result.info.content_type.as_str(),
+        );
+        resp::next_offset(headers, result.next, closed);
+        if up_to_date {
+            resp::set_true(headers, h::STREAM_UP_TO_DATE);
+        }
+        if from != ReadFrom::Now {
+            let etag = format!(
+                "\"{}:{}:{}{}\"",
+                result.info.id,
+                result.start,
+                result.next,
+                if closed { ":c" } else { "" }
+            );
+            if if_none_match(&parts.headers, &etag) {
+                *response.status_mut() = StatusCode::NOT_MODIFIED;
+                *response.body_mut() = Body::empty();
+                response.headers_mut().remove(header::CONTENT_TYPE);
+            }
+            resp::insert(response.headers_mut(), header::ETAG, etag);
+        }
+        if subscribe && result.records.is_empty() && result.next == result.start {
+            response.extensions_mut().insert(AtTail);
+        }
+        if let Some(wait) = result.wait {
+            response.extensions_mut().insert(wait);
+        }
+        Ok(response)
+    }
+
+    async fn head(self, path: String) -> Outcome {
+        let info = match self.call(StorageRequest::Head { path }).await {
+            Ok(StorageResponse::Head(info)) => info,
+            Ok(other) => return Ok(unexpected(&other)),
+            Err(response) => return Ok(response),
+        };
+        let mut response = resp::with_status(StatusCode::OK, Body::empty());
+        let headers = response.headers_mut();
+        resp::describe(headers, &info);
+        resp::expiry(headers, info.expiry);
+        Ok(response)
+    }
+
+    async fn delete(self, path: String) -> Outcome {
+        match self.call(StorageRequest::Delete { path }).await {
+            Ok(StorageResponse::Deleted) => {
+                Ok(resp::with_status(StatusCode::NO_CONTENT, Body::empty()))
+            }
+            Ok(other) => Ok(unexpected(&other)),
+            Err(response) => Ok(response),
+        }
+    }
+}
+
+/// A backend answered with the wrong kind of response.
+fn unexpected(response: &StorageResponse) -> Response<Body> {
+    tracing::error!(
+        ?response,
+        "storage backend answered with the wrong response kind"
+    );
+    resp::with_status(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Body::from("storage failure"),
+    )
+}
+
+/// The absolute URL of the stream a request created.
+fn location(parts: &Parts) -> String {
+    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let Some(host) = host else {
+        return parts.uri.path().to_owned();
+    };
+    let scheme = parts
+        .uri
+        .scheme_str()
+        .or_else(|| {
+            parts
+                .headers
+                .get("x-forwarded-proto")
+                .and_then(|p| p.to_str().ok())
+                .filter(|p| *p == "https" || *p == "http")
+        })
+        .unwrap_or("http");
+    format!("{scheme}://{host}{}", parts.uri.path())
+}
+
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == etag || tag == "*")
+}
+
+/// Collects a request body, refusing more than `limit` bytes with `413`.
+async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Refusal>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let e: BoxError = e.into();
+            tracing::debug!(error = %e, "request body failed");
+            Refusal::bad_request("could not read the request body")
+        })?;
+        if let Ok(mut data) = frame.into_data() {
+            use bytes::Buf;
+            if collected.len() + data.remaining() > limit {
+                return Err(too_large());
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                collected.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(collected.freeze())
+}

@@ -1,0 +1,133 @@
+//! A stream's configuration: content type, expiry, closure and fork source.
+
+use std::time::{Duration, SystemTime};
+
+use crate::offset::Offset;
+
+/// A stream's content type, kept as the client first sent it and compared by
+/// media type alone, case-insensitively (`TEXT/PLAIN` matches `text/plain;
+/// charset=utf-8`).
+#[derive(Clone, Debug)]
+pub struct ContentType(String);
+
+impl ContentType {
+    /// The type given to a stream created without a `Content-Type`.
+    pub const DEFAULT: &'static str = "application/octet-stream";
+
+    /// A content type from a header value.
+    ///
+    /// Returns `None` unless the value has the shape `type/subtype`.
+    pub fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        let essence = value.split(';').next().unwrap_or_default().trim();
+        let (ty, sub) = essence.split_once('/')?;
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+        };
+        (token(ty) && token(sub)).then(|| Self(value.to_owned()))
+    }
+
+    /// The value as the stream's creator sent it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The media type without parameters, lowercased: `application/json`.
+    pub fn essence(&self) -> String {
+        self.0
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    }
+
+    /// Whether this is `application/json`, whose streams keep message
+    /// boundaries (PROTOCOL.md section 9.1).
+    pub fn is_json(&self) -> bool {
+        self.essence() == "application/json"
+    }
+
+    /// Whether SSE data events carry this type as text rather than base64:
+    /// `text/*` and `application/json`.
+    pub fn is_sse_text(&self) -> bool {
+        let essence = self.essence();
+        essence.starts_with("text/") || essence == "application/json"
+    }
+
+    /// Whether two content types name the same media type.
+    pub fn matches(&self, other: &ContentType) -> bool {
+        self.essence() == other.essence()
+    }
+}
+
+impl Default for ContentType {
+    fn default() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+}
+
+/// When a stream expires.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Expiry {
+    /// Never.
+    #[default]
+    Never,
+    /// After this many seconds without a read or a write (`Stream-TTL`).
+    Ttl(u64),
+    /// At this instant (`Stream-Expires-At`).
+    At(SystemTime),
+}
+
+impl Expiry {
+    /// Whether a stream last read or written at `touched` has expired at `now`.
+    pub fn is_expired(&self, touched: SystemTime, now: SystemTime) -> bool {
+        match *self {
+            Expiry::Never => false,
+            Expiry::Ttl(secs) => match touched.checked_add(Duration::from_secs(secs)) {
+                Some(deadline) => now >= deadline,
+                None => false,
+            },
+            Expiry::At(at) => now >= at,
+        }
+    }
+}
+
+/// Where a fork diverges from its source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForkPoint {
+    /// The source stream's path.
+    pub source: String,
+    /// The offset the fork was anchored at (`Stream-Fork-Offset`, or the
+    /// source's tail when the header was omitted).
+    pub anchor: Offset,
+    /// Bytes, or JSON messages, inherited past the anchor.
+    pub sub_offset: u64,
+}
+
+/// What a client asks for when it forks: the source and, optionally, where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForkRequest {
+    /// The source stream's path.
+    pub source: String,
+    /// `Stream-Fork-Offset`; `None` means the source's tail.
+    pub offset: Option<Offset>,
+    /// `Stream-Fork-Sub-Offset`; 0 when absent.
+    pub sub_offset: u64,
+}
+
+/// The configuration a `PUT` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct StreamConfig {
+    /// The stream's content type; `None` means the default, or for a fork,
+    /// the source's.
+    pub content_type: Option<ContentType>,
+    /// When it expires; for a fork, `Never` inherits the source's expiry.
+    pub expiry: Expiry,
+    /// Whether it is created closed.
+    pub closed: bool,
+    /// The fork source, when the stream is a fork.
+    pub fork: Option<ForkRequest>,
+}
