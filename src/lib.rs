@@ -74,5 +74,8 @@ pub use self::service::DurableStreamsService;
 pub use self::sse::SseLayer;
 pub use self::storage::MemoryStorage;
 
+/// A boxed future that can move between threads.
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
 /// The boxed error type used at service and body boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

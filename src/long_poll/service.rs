@@ -13,6 +13,7 @@ use crate::cursor::next_cursor;
 use crate::headers as h;
 use crate::live::{self, AtTail, LiveRequestBody, Subscribe, TailWait};
 use crate::service::response::{insert, set_true};
+use crate::BoxFuture;
 
 /// Middleware that serves `live=long-poll` reads. See the
 /// [module docs](crate::long_poll).
@@ -146,7 +147,7 @@ fn add_cursor(headers: &mut HeaderMap, echoed: Option<&str>) {
 
 /// The future of [`LongPoll`].
 pub struct ResponseFuture<B, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>,
+    inner: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
 }
 
 impl<B, E> Future for ResponseFuture<B, E> {

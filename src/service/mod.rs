@@ -40,7 +40,7 @@ use crate::json;
 use crate::live::{AtTail, Subscribe};
 use crate::offset::ReadFrom;
 use crate::storage::{rules, Append, AppendOutcome, Create, Read, StorageRequest, StorageResponse};
-use crate::BoxError;
+use crate::{BoxError, BoxFuture};
 
 /// The default largest request body: 16 MiB.
 pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
@@ -177,7 +177,7 @@ where
 
 /// The future of [`DurableStreamsService`].
 pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>>,
+    inner: BoxFuture<Response<Body>>,
 }
 
 impl Future for ResponseFuture {

@@ -1,5 +1,4 @@
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -8,10 +7,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::BoxError;
+use crate::{BoxError, BoxFuture};
 
 /// One step of an event stream: the events it produced and the step after.
-pub(crate) type Step = Pin<Box<dyn Future<Output = Option<(Bytes, Option<Next>)>> + Send>>;
+pub(crate) type Step = BoxFuture<Option<(Bytes, Option<Next>)>>;
 
 /// The step after, boxed so that [`SseBody`] names no service type.
 pub(crate) struct Next(pub(crate) Step);

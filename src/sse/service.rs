@@ -21,6 +21,7 @@ use crate::headers as h;
 use crate::live::{self, AtTail, LiveRequestBody, Subscribe, TailWait};
 use crate::stream::ContentType;
 use crate::BoxError;
+use crate::BoxFuture;
 
 /// Middleware that serves `live=sse` reads. See the [module docs](crate::sse).
 #[derive(Debug, Clone)]
@@ -271,7 +272,7 @@ where
 
 /// The future of [`Sse`].
 pub struct ResponseFuture<B, E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>,
+    inner: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
 }
 
 impl<B, E> Future for ResponseFuture<B, E> {
