@@ -237,7 +237,9 @@ impl Streams {
         let mut end = current.map(|e| e.tail).unwrap_or_default();
         while let Some(entry) = current {
             segments.push((entry, end));
-            end = entry.base;
+            // A fork may diverge below its source's own fork point, so the
+            // range inherited further up ends at the lowest base seen so far.
+            end = end.min(entry.base);
             current = entry.fork.as_ref().and_then(|f| self.map.get(&f.source));
         }
         segments.reverse();

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs every check and test of the crate:
+#   formatting, clippy, unit + integration + doc tests, and the official
+#   Durable Streams conformance suite against the real server binary.
+#
+# Usage: scripts/test.sh
+# Needs: the Rust toolchain (with rustfmt and clippy), Node.js 20 with npm,
+# and ../shared beside the checkout (override with DS_SHARED=/path/to/shared).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+shared="${DS_SHARED:-$(cd .. && pwd)/shared}"
+if [ ! -f "$shared/conformance/run.sh" ]; then
+  echo "test.sh: no conformance suite at $shared/conformance/run.sh (set DS_SHARED)" >&2
+  exit 2
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --all-targets --all-features --quiet -- -D warnings
+
+step "cargo test (unit, integration, doc)"
+cargo test --all-features
+
+step "build the server binary"
+cargo build --features server --bin durable-streams --quiet
+
+# A free port on loopback for the server under test.
+pick_port() {
+  local port
+  for _ in $(seq 1 50); do
+    port=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  return 1
+}
+
+run_conformance() {
+  local storage="$1" port log pid status=0
+  port=$(pick_port)
+  log=$(mktemp "${TMPDIR:-/tmp}/durable-streams-$storage-XXXXXX.log")
+  step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
+  ./target/debug/durable-streams serve --addr "127.0.0.1:$port" --storage "$storage" \
+    --long-poll-timeout 500ms >"$log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "test.sh: the server exited early; its log:" >&2
+      cat "$log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  bash "$shared/conformance/run.sh" "http://127.0.0.1:$port" || status=$?
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if [ "$status" -ne 0 ]; then
+    echo "test.sh: server log ($log):" >&2
+    tail -n 50 "$log" >&2
+  else
+    rm -f "$log"
+  fi
+  return "$status"
+}
+
+run_conformance memory
