@@ -15,7 +15,9 @@
 //! Requests carry owned data and no borrowed state, so a backend may answer
 //! from memory, a file or a remote database.
 
+mod engine;
 mod error;
+mod index;
 mod memory;
 pub mod rules;
 

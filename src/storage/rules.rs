@@ -161,14 +161,25 @@ impl WriterState {
             ..
         } = plan
         {
-            if let Some((id, state)) = producer {
-                self.producers.insert(id.clone(), *state);
-            }
-            if let Some(seq) = stream_seq {
-                self.stream_seq = Some(seq.clone());
-            }
-            self.closed |= *close;
+            self.record(producer.clone(), stream_seq.clone(), *close);
         }
+    }
+
+    /// Records what an append changed: the producer's new state, the new
+    /// `Stream-Seq`, and closure.
+    pub fn record(
+        &mut self,
+        producer: Option<(String, ProducerState)>,
+        stream_seq: Option<String>,
+        close: bool,
+    ) {
+        if let Some((id, state)) = producer {
+            self.producers.insert(id, state);
+        }
+        if let Some(seq) = stream_seq {
+            self.stream_seq = Some(seq);
+        }
+        self.closed |= close;
     }
 }
 
@@ -253,6 +264,8 @@ pub fn fork_expiry(source: Expiry, requested: Expiry) -> Expiry {
 pub trait SourceView {
     /// The offset after the last record.
     fn tail(&self) -> Offset;
+    /// The length of the record that starts at `at`, if one does.
+    fn record_len(&self, at: Offset) -> Option<usize>;
     /// The record that starts at `at`, if one does.
     fn record_at(&self, at: Offset) -> Option<Bytes>;
     /// Whether `at` is the start of a record or the tail.
@@ -309,18 +322,24 @@ pub fn resolve_fork(
             return Err(overshoot());
         }
         for _ in 0..request.sub_offset {
-            let record = source.record_at(base).ok_or_else(overshoot)?;
-            base = base.after_record(record.len()).ok_or_else(overshoot)?;
+            let len = source.record_len(base).ok_or_else(overshoot)?;
+            base = base.after_record(len).ok_or_else(overshoot)?;
         }
     } else if request.sub_offset > 0 {
-        let record = source.record_at(anchor).ok_or_else(overshoot)?;
+        let len = source.record_len(anchor).ok_or_else(overshoot)?;
         let sub = usize::try_from(request.sub_offset).map_err(|_| overshoot())?;
-        if sub > record.len() {
+        if sub > len {
             return Err(overshoot());
         }
-        if sub == record.len() {
+        if sub == len {
             base = anchor.after_record(sub).ok_or_else(overshoot)?;
         } else {
+            let record = source.record_at(anchor).ok_or_else(|| {
+                StreamError::new(
+                    StreamErrorKind::Unavailable,
+                    "could not read the fork source",
+                )
+            })?;
             prefix = Some(record.slice(..sub));
         }
     }

@@ -1,0 +1,224 @@
+//! What the built-in backends share: an [`Index`] behind one lock, and a
+//! [`Log`] that makes each decided operation durable.
+//!
+//! Every write runs the same way: under the lock, expire what has expired,
+//! decide, record the operation in the log and apply it to the index; then,
+//! outside the lock, wait until the log says the operation is durable, and
+//! only then publish it to readers and answer. Answers that change nothing
+//! (a duplicate, an idempotent create) also wait, since the state they
+//! confirm may still be on its way to disk.
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::index::{Chunk, Decision, Index, Op};
+use super::{
+    AppendOutcome, Appended, Create, Read, ReadResult, StorageRequest, StorageResponse,
+    StreamError, StreamInfo,
+};
+
+/// Where a backend keeps operations and record bytes.
+pub(crate) trait Log: Send + Sync + 'static {
+    /// Whether every recorded operation is durable at once (memory), so that
+    /// answers need not wait.
+    const IMMEDIATE: bool;
+
+    /// Records `op` and returns where each of its records' bytes now live.
+    /// Called under the index lock, so the log's order is the index's.
+    ///
+    /// # Errors
+    ///
+    /// When the log cannot take more (it failed earlier, or is full).
+    fn record(&self, op: &Op) -> Result<Vec<Chunk>, StreamError>;
+
+    /// A ticket for everything recorded so far.
+    fn ticket(&self) -> u64;
+
+    /// Resolves once everything up to `ticket` is durable.
+    fn durable(&self, ticket: u64) -> impl Future<Output = Result<(), StreamError>> + Send;
+
+    /// Fetches the bytes of `chunks`, in order.
+    fn read(
+        &self,
+        chunks: Vec<Chunk>,
+    ) -> impl Future<Output = Result<Vec<Bytes>, StreamError>> + Send;
+
+    /// Fetches one chunk's bytes at once (for a fork that ends inside a
+    /// record).
+    fn read_now(&self, chunk: &Chunk) -> Option<Bytes>;
+}
+
+/// An index and its log.
+#[derive(Debug)]
+pub(crate) struct Engine<L> {
+    index: Mutex<Index>,
+    log: L,
+}
+
+impl<L: Log> Engine<L> {
+    pub(crate) fn new(index: Index, log: L) -> Self {
+        Self {
+            index: Mutex::new(index),
+            log,
+        }
+    }
+
+    pub(crate) fn log(&self) -> &L {
+        &self.log
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) async fn handle(
+        &self,
+        request: StorageRequest,
+    ) -> Result<StorageResponse, StreamError> {
+        match request {
+            StorageRequest::Create(create) => self.create(create).await,
+            StorageRequest::Append(append) => self.append(append).await,
+            StorageRequest::Read(read) => self.read(read).await.map(StorageResponse::Read),
+            StorageRequest::Head { path } => {
+                let mut index = self.lock();
+                self.expire(&mut index, &path, SystemTime::now())?;
+                index.head(&path).map(StorageResponse::Head)
+            }
+            StorageRequest::Delete { path } => self.delete(&path).await,
+        }
+    }
+
+    /// Deletes the stream at `path` if it has expired.
+    fn expire(&self, index: &mut Index, path: &str, now: SystemTime) -> Result<(), StreamError> {
+        if let Some(id) = index.expired(path, now) {
+            tracing::debug!(stream = %path, "stream expired");
+            self.change(index, Op::Delete { id }, now)?;
+        }
+        Ok(())
+    }
+
+    /// Records and applies `op`; returns the stream it touched.
+    fn change(&self, index: &mut Index, op: Op, now: SystemTime) -> Result<u64, StreamError> {
+        let id = match &op {
+            Op::Create(new) => new.id,
+            Op::Append { id, .. } | Op::Delete { id } => *id,
+        };
+        let chunks = self.log.record(&op)?;
+        index.apply(op, chunks, now);
+        Ok(id)
+    }
+
+    /// Waits until the state behind an answer is durable, then shows the
+    /// stream's new state (if any) to readers.
+    async fn settle(
+        &self,
+        ticket: u64,
+        publish: Option<(u64, &StreamInfo)>,
+    ) -> Result<(), StreamError> {
+        if !L::IMMEDIATE {
+            self.log.durable(ticket).await?;
+            if let Some((id, info)) = publish {
+                self.lock().publish(id, info.tail, info.closed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn create(&self, create: Create) -> Result<StorageResponse, StreamError> {
+        let now = create.now;
+        let (created, id, info, ticket) = {
+            let mut index = self.lock();
+            self.expire(&mut index, &create.path, now)?;
+            if let Some(fork) = &create.config.fork {
+                self.expire(&mut index, &fork.source, now)?;
+            }
+            let fetch = |chunk: &Chunk| self.log.read_now(chunk);
+            let (created, id) = match index.decide_create(create, &fetch)? {
+                Decision::Answer((id, _)) => (false, id),
+                Decision::Change(op) => (true, self.change(&mut index, op, now)?),
+            };
+            let info = index.info(id).ok_or_else(StreamError::not_found)?;
+            if created && L::IMMEDIATE {
+                index.publish(id, info.tail, info.closed);
+            }
+            (created, id, info, self.log.ticket())
+        };
+        self.settle(ticket, created.then_some((id, &info))).await?;
+        Ok(StorageResponse::Created { created, info })
+    }
+
+    async fn append(&self, append: super::Append) -> Result<StorageResponse, StreamError> {
+        let now = append.now;
+        let (outcome, appended, id, info, ticket) = {
+            let mut index = self.lock();
+            self.expire(&mut index, &append.path, now)?;
+            let (outcome, appended, id) = match index.decide_append(append)? {
+                Decision::Answer((id, outcome)) => (outcome, false, id),
+                Decision::Change(op) => {
+                    let (appended, producer) = match &op {
+                        Op::Append {
+                            records, producer, ..
+                        } => (
+                            !records.is_empty(),
+                            producer.as_ref().map(|(_, state)| *state),
+                        ),
+                        _ => (false, None),
+                    };
+                    let id = self.change(&mut index, op, now)?;
+                    (AppendOutcome::Written { producer }, appended, id)
+                }
+            };
+            let info = index.info(id).ok_or_else(StreamError::not_found)?;
+            let written = matches!(outcome, AppendOutcome::Written { .. });
+            if written && L::IMMEDIATE {
+                index.publish(id, info.tail, info.closed);
+            }
+            (outcome, appended, id, info, self.log.ticket())
+        };
+        let written = matches!(outcome, AppendOutcome::Written { .. });
+        self.settle(ticket, written.then_some((id, &info))).await?;
+        Ok(StorageResponse::Appended(Appended {
+            info,
+            appended,
+            outcome,
+        }))
+    }
+
+    async fn read(&self, read: Read) -> Result<ReadResult, StreamError> {
+        let located = {
+            let mut index = self.lock();
+            self.expire(&mut index, &read.path, read.now)?;
+            index.locate(
+                &read.path,
+                read.from,
+                read.max_bytes,
+                read.subscribe,
+                read.now,
+            )?
+        };
+        let records = self.log.read(located.chunks).await?;
+        Ok(ReadResult {
+            info: located.info,
+            start: located.start,
+            next: located.next,
+            records,
+            wait: located.wait,
+        })
+    }
+
+    async fn delete(&self, path: &str) -> Result<StorageResponse, StreamError> {
+        let now = SystemTime::now();
+        let ticket = {
+            let mut index = self.lock();
+            self.expire(&mut index, path, now)?;
+            let op = index.decide_delete(path)?;
+            self.change(&mut index, op, now)?;
+            self.log.ticket()
+        };
+        self.settle(ticket, None).await?;
+        Ok(StorageResponse::Deleted)
+    }
+}

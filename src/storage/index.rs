@@ -1,0 +1,626 @@
+//! The in-memory stream index that every built-in backend keeps: stream
+//! metadata, writer state, fork links and where each record's bytes live.
+//!
+//! The index knows two tails per stream. `tail` includes appends that are
+//! decided but not yet durable, and is what later decisions build on;
+//! `durable_tail` is what readers see. A backend decides an operation
+//! ([`Index::decide_append`] and friends), records it in its log, applies it
+//! ([`Index::apply`]) and, once the log says it is durable, publishes it
+//! ([`Index::publish`]), which wakes the stream's waiters. Replaying a log
+//! after a restart is the same `apply` and `publish`, with no rules to run.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::rules::{self, AppendPlan, Existing, SourceView, WriterState};
+use super::{Append, AppendOutcome, Create, StreamError, StreamErrorKind, StreamInfo};
+use crate::live::TailWait;
+use crate::offset::{Offset, ReadFrom};
+use crate::producer::ProducerState;
+use crate::stream::{ContentType, Expiry, ForkPoint};
+
+/// Where a record's bytes are.
+#[derive(Debug, Clone)]
+pub(crate) enum Chunk {
+    /// In memory.
+    Mem(Bytes),
+    /// In a log segment.
+    Disk(Location),
+}
+
+impl Chunk {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Chunk::Mem(bytes) => bytes.len(),
+            Chunk::Disk(at) => at.len as usize,
+        }
+    }
+}
+
+/// A record's place in the file store's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Location {
+    pub(crate) segment: u64,
+    pub(crate) pos: u64,
+    pub(crate) len: u32,
+}
+
+/// A decided change to the index: what gets logged and replayed.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Create(NewStream),
+    Append {
+        id: u64,
+        records: Vec<Bytes>,
+        producer: Option<(String, ProducerState)>,
+        stream_seq: Option<String>,
+        close: bool,
+    },
+    /// Removes the stream, or soft-deletes it while forks read from it.
+    Delete {
+        id: u64,
+    },
+}
+
+impl Op {
+    /// The records whose bytes the log stores.
+    pub(crate) fn records(&self) -> &[Bytes] {
+        match self {
+            Op::Create(new) => &new.records,
+            Op::Append { records, .. } => records,
+            Op::Delete { .. } => &[],
+        }
+    }
+}
+
+/// A stream about to be created, fully resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct NewStream {
+    pub(crate) id: u64,
+    pub(crate) path: String,
+    pub(crate) content_type: ContentType,
+    pub(crate) expiry: Expiry,
+    pub(crate) closed: bool,
+    /// The fork point and the source's id.
+    pub(crate) fork: Option<(ForkPoint, u64)>,
+    pub(crate) base: Offset,
+    pub(crate) records: Vec<Bytes>,
+}
+
+/// What a write request turned into.
+#[derive(Debug)]
+pub(crate) enum Decision<T> {
+    /// Nothing changes; answer with this.
+    Answer(T),
+    /// Log and apply this operation, then answer.
+    Change(Op),
+}
+
+#[derive(Debug)]
+struct Entry {
+    path: String,
+    content_type: ContentType,
+    expiry: Expiry,
+    touched: SystemTime,
+    writer: WriterState,
+    fork: Option<ForkPoint>,
+    source: Option<u64>,
+    /// Where this stream's own records begin: zero, or the fork point.
+    base: Offset,
+    chunks: Vec<Chunk>,
+    starts: Vec<Offset>,
+    tail: Offset,
+    durable_tail: Offset,
+    durable_closed: bool,
+    /// Whether the create is durable; until then readers get 404.
+    durable: bool,
+    /// How many forks read from this stream.
+    forks: u64,
+    /// Deleted while forks still read from it.
+    deleted: bool,
+    wake: watch::Sender<()>,
+}
+
+impl Entry {
+    fn info(&self, id: u64) -> StreamInfo {
+        StreamInfo {
+            id,
+            content_type: self.content_type.clone(),
+            tail: self.tail,
+            closed: self.writer.closed,
+            expiry: self.expiry,
+        }
+    }
+
+    fn durable_info(&self, id: u64) -> StreamInfo {
+        StreamInfo {
+            tail: self.durable_tail,
+            closed: self.durable_closed,
+            ..self.info(id)
+        }
+    }
+
+    fn index_of(&self, at: Offset) -> Option<usize> {
+        self.starts.binary_search(&at).ok()
+    }
+}
+
+/// A stream as its readers see it: the inherited ranges of its fork chain,
+/// root first, each `(stream, end)`, then its own records.
+struct View<'a> {
+    segments: Vec<(&'a Entry, Offset)>,
+}
+
+impl View<'_> {
+    fn segment_of(&self, at: Offset) -> Option<(&Entry, Offset)> {
+        self.segments
+            .iter()
+            .copied()
+            .find(|(entry, end)| entry.base <= at && at < *end)
+    }
+
+    /// Records from `from`, a boundary, until `max_bytes` are gathered.
+    fn collect(&self, from: Offset, max_bytes: usize) -> (Vec<Chunk>, Offset) {
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
+        let mut at = from;
+        for (entry, end) in self.segments.iter().copied() {
+            if at >= end {
+                continue;
+            }
+            let Some(mut i) = entry.index_of(at) else {
+                break;
+            };
+            while i < entry.chunks.len() && entry.starts[i] < end {
+                let len = entry.chunks[i].len();
+                if !chunks.is_empty() && bytes + len > max_bytes {
+                    return (chunks, at);
+                }
+                bytes += len;
+                chunks.push(entry.chunks[i].clone());
+                i += 1;
+                at = entry.starts.get(i).copied().unwrap_or(entry.tail).min(end);
+            }
+        }
+        (chunks, at)
+    }
+}
+
+/// A fork source's view, with a way to fetch a record's bytes.
+struct Source<'a> {
+    view: View<'a>,
+    fetch: &'a dyn Fn(&Chunk) -> Option<Bytes>,
+}
+
+impl Source<'_> {
+    fn chunk_at(&self, at: Offset) -> Option<&Chunk> {
+        let (entry, _) = self.view.segment_of(at)?;
+        entry.index_of(at).map(|i| &entry.chunks[i])
+    }
+}
+
+impl SourceView for Source<'_> {
+    fn tail(&self) -> Offset {
+        self.view
+            .segments
+            .last()
+            .map(|(_, end)| *end)
+            .unwrap_or_default()
+    }
+
+    fn record_len(&self, at: Offset) -> Option<usize> {
+        self.chunk_at(at).map(Chunk::len)
+    }
+
+    fn record_at(&self, at: Offset) -> Option<Bytes> {
+        self.chunk_at(at).and_then(|chunk| (self.fetch)(chunk))
+    }
+
+    fn is_boundary(&self, at: Offset) -> bool {
+        at == self.tail() || self.chunk_at(at).is_some()
+    }
+}
+
+/// A read, located: the chunks to fetch and what to tell the reader.
+#[derive(Debug)]
+pub(crate) struct Located {
+    pub(crate) info: StreamInfo,
+    pub(crate) start: Offset,
+    pub(crate) next: Offset,
+    pub(crate) chunks: Vec<Chunk>,
+    pub(crate) wait: Option<TailWait>,
+}
+
+/// Every stream, by id and by path.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    streams: HashMap<u64, Entry>,
+    paths: HashMap<String, u64>,
+    next_id: u64,
+}
+
+impl Index {
+    fn id_of(&self, path: &str) -> Option<u64> {
+        self.paths.get(path).copied()
+    }
+
+    /// The id of the stream at `path` if it expired at `now` and should be
+    /// deleted (softly, if forks read from it).
+    pub(crate) fn expired(&self, path: &str, now: SystemTime) -> Option<u64> {
+        let id = self.id_of(path)?;
+        let entry = &self.streams[&id];
+        (!entry.deleted && entry.expiry.is_expired(entry.touched, now)).then_some(id)
+    }
+
+    /// The stream at `path` as readers may see it.
+    fn visible(&self, path: &str) -> Result<(u64, &Entry), StreamError> {
+        let id = self.id_of(path).ok_or_else(StreamError::not_found)?;
+        let entry = &self.streams[&id];
+        if !entry.durable {
+            return Err(StreamError::not_found());
+        }
+        if entry.deleted {
+            return Err(StreamError::gone());
+        }
+        Ok((id, entry))
+    }
+
+    /// The stream at `path` as writers see it, pending changes included.
+    fn writable(&self, path: &str) -> Result<(u64, &Entry), StreamError> {
+        let id = self.id_of(path).ok_or_else(StreamError::not_found)?;
+        let entry = &self.streams[&id];
+        if entry.deleted {
+            return Err(StreamError::gone());
+        }
+        Ok((id, entry))
+    }
+
+    fn view(&self, id: u64, durable: bool) -> View<'_> {
+        let mut segments = Vec::new();
+        let mut current = self.streams.get(&id);
+        let mut end = current
+            .map(|e| if durable { e.durable_tail } else { e.tail })
+            .unwrap_or_default();
+        while let Some(entry) = current {
+            segments.push((entry, end));
+            // A fork may diverge below its source's own fork point, so the
+            // range inherited further up ends at the lowest base seen so far.
+            end = end.min(entry.base);
+            current = entry.source.and_then(|s| self.streams.get(&s));
+        }
+        segments.reverse();
+        View { segments }
+    }
+
+    /// Decides a create. `fetch` reads a record's bytes, for byte
+    /// sub-offsets that end inside a record.
+    pub(crate) fn decide_create(
+        &mut self,
+        create: Create,
+        fetch: &dyn Fn(&Chunk) -> Option<Bytes>,
+    ) -> Result<Decision<(u64, StreamInfo)>, StreamError> {
+        let Create {
+            path, config, body, ..
+        } = create;
+        if let Some(id) = self.id_of(&path) {
+            let entry = &self.streams[&id];
+            if entry.deleted {
+                return Err(StreamError::conflict(
+                    "stream was deleted and is kept for its forks",
+                ));
+            }
+            let existing = Existing {
+                content_type: &entry.content_type,
+                expiry: entry.expiry,
+                closed: entry.writer.closed,
+                fork: entry.fork.as_ref(),
+            };
+            return if rules::same_config(&existing, &config) {
+                Ok(Decision::Answer((id, entry.info(id))))
+            } else {
+                Err(StreamError::conflict(
+                    "stream exists with a different configuration",
+                ))
+            };
+        }
+
+        let (content_type, expiry, fork, base, mut records) = match &config.fork {
+            None => {
+                let ct = config.content_type.clone().unwrap_or_default();
+                (ct, config.expiry, None, Offset::ZERO, Vec::new())
+            }
+            Some(request) => {
+                let (source_id, source) = match self.writable(&request.source) {
+                    Ok(found) => found,
+                    Err(e) if e.is_not_found() => {
+                        return Err(StreamError::new(
+                            StreamErrorKind::NotFound,
+                            "fork source not found",
+                        ))
+                    }
+                    Err(_) => return Err(StreamError::conflict("fork source was deleted")),
+                };
+                let ct = match &config.content_type {
+                    Some(ct) if !ct.matches(&source.content_type) => {
+                        return Err(StreamError::new(
+                            StreamErrorKind::ContentTypeMismatch,
+                            "content type does not match the fork source's",
+                        ))
+                    }
+                    _ => source.content_type.clone(),
+                };
+                let expiry = rules::fork_expiry(source.expiry, config.expiry);
+                let view = Source {
+                    view: self.view(source_id, false),
+                    fetch,
+                };
+                let resolved = rules::resolve_fork(&view, ct.is_json(), request)?;
+                let prefix = resolved.prefix.into_iter().collect();
+                (
+                    ct,
+                    expiry,
+                    Some((resolved.point, source_id)),
+                    resolved.base,
+                    prefix,
+                )
+            }
+        };
+        records.extend(
+            rules::records(&content_type, body, true).map_err(|b| StreamError::invalid(b.0))?,
+        );
+        records
+            .iter()
+            .try_fold(base, |at, r| at.after_record(r.len()))
+            .ok_or_else(|| StreamError::new(StreamErrorKind::Full, "stream is full"))?;
+        self.next_id += 1;
+        Ok(Decision::Change(Op::Create(NewStream {
+            id: self.next_id,
+            path,
+            content_type,
+            expiry,
+            closed: config.closed,
+            fork,
+            base,
+            records,
+        })))
+    }
+
+    /// Decides an append.
+    pub(crate) fn decide_append(
+        &self,
+        append: Append,
+    ) -> Result<Decision<(u64, AppendOutcome)>, StreamError> {
+        let (id, entry) = self.writable(&append.path)?;
+        let plan = rules::plan_append(&entry.content_type, entry.tail, &entry.writer, append)?;
+        Ok(match plan {
+            AppendPlan::Write {
+                records,
+                producer,
+                stream_seq,
+                close,
+                ..
+            } => Decision::Change(Op::Append {
+                id,
+                records,
+                producer,
+                stream_seq,
+                close,
+            }),
+            AppendPlan::Duplicate(producer) => {
+                Decision::Answer((id, AppendOutcome::Duplicate { producer }))
+            }
+            AppendPlan::AlreadyClosed => Decision::Answer((id, AppendOutcome::AlreadyClosed)),
+        })
+    }
+
+    /// Decides a delete.
+    pub(crate) fn decide_delete(&self, path: &str) -> Result<Op, StreamError> {
+        let (id, _) = self.writable(path)?;
+        Ok(Op::Delete { id })
+    }
+
+    /// The stream's current state, pending changes included: what a write's
+    /// response reports.
+    pub(crate) fn info(&self, id: u64) -> Option<StreamInfo> {
+        self.streams.get(&id).map(|entry| entry.info(id))
+    }
+
+    /// Applies a decided (or replayed) operation. `chunks` holds where each of
+    /// the operation's records now lives, in order.
+    ///
+    /// # Panics
+    ///
+    /// If the operation names a stream the index does not have, which a
+    /// decision made under the same lock, or a log written by this index,
+    /// never does.
+    pub(crate) fn apply(&mut self, op: Op, chunks: Vec<Chunk>, now: SystemTime) {
+        match op {
+            Op::Create(new) => {
+                if let Some((_, source)) = &new.fork {
+                    if let Some(source) = self.streams.get_mut(source) {
+                        source.forks += 1;
+                    }
+                }
+                let (fork, source) = new.fork.map_or((None, None), |(f, s)| (Some(f), Some(s)));
+                let mut entry = Entry {
+                    path: new.path.clone(),
+                    content_type: new.content_type,
+                    expiry: new.expiry,
+                    touched: now,
+                    writer: WriterState {
+                        closed: new.closed,
+                        ..WriterState::default()
+                    },
+                    fork,
+                    source,
+                    base: new.base,
+                    chunks: Vec::new(),
+                    starts: Vec::new(),
+                    tail: new.base,
+                    durable_tail: new.base,
+                    durable_closed: false,
+                    durable: false,
+                    forks: 0,
+                    deleted: false,
+                    wake: watch::Sender::new(()),
+                };
+                push(&mut entry, chunks);
+                self.next_id = self.next_id.max(new.id);
+                if let Some(old) = self.paths.insert(new.path, new.id) {
+                    // The path was freed by a delete that is not yet published.
+                    self.streams.remove(&old);
+                }
+                self.streams.insert(new.id, entry);
+            }
+            Op::Append {
+                id,
+                producer,
+                stream_seq,
+                close,
+                ..
+            } => {
+                let entry = self
+                    .streams
+                    .get_mut(&id)
+                    .expect("appends are decided against existing streams");
+                entry.writer.record(producer, stream_seq, close);
+                push(entry, chunks);
+                entry.touched = entry.touched.max(now);
+            }
+            Op::Delete { id } => {
+                let Some(entry) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                if entry.forks > 0 {
+                    entry.deleted = true;
+                    entry.wake.send_replace(());
+                } else {
+                    self.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Makes stream `id` visible to readers up to `tail` (and closed, if
+    /// `closed`), and wakes its waiters. Call it once the operation that
+    /// produced that state is durable; everything logged before it is too.
+    pub(crate) fn publish(&mut self, id: u64, tail: Offset, closed: bool) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let tail = tail.min(entry.tail).max(entry.durable_tail);
+        let closed = entry.durable_closed || closed;
+        let changed =
+            !entry.durable || tail != entry.durable_tail || closed != entry.durable_closed;
+        entry.durable = true;
+        entry.durable_tail = tail;
+        entry.durable_closed = closed;
+        if changed {
+            entry.wake.send_replace(());
+        }
+    }
+
+    /// Makes every stream's applied changes visible: the end of a replay.
+    pub(crate) fn publish_all(&mut self) {
+        let all: Vec<(u64, Offset, bool)> = self
+            .streams
+            .iter()
+            .map(|(id, e)| (*id, e.tail, e.writer.closed))
+            .collect();
+        for (id, tail, closed) in all {
+            self.publish(id, tail, closed);
+        }
+    }
+
+    /// Removes a stream and releases its fork source, cascading up the chain
+    /// through sources that were deleted and are no longer read.
+    fn remove(&mut self, id: u64) {
+        let mut next = Some(id);
+        let mut first = true;
+        while let Some(id) = next.take() {
+            let Some(entry) = self.streams.get_mut(&id) else {
+                break;
+            };
+            if !first {
+                entry.forks = entry.forks.saturating_sub(1);
+                if !(entry.deleted && entry.forks == 0) {
+                    break;
+                }
+            }
+            first = false;
+            let entry = self.streams.remove(&id).expect("looked up above");
+            if self.paths.get(&entry.path) == Some(&id) {
+                self.paths.remove(&entry.path);
+            }
+            next = entry.source;
+        }
+    }
+
+    /// The stream's metadata, as readers see it; HEAD does not renew TTLs.
+    pub(crate) fn head(&self, path: &str) -> Result<StreamInfo, StreamError> {
+        let (id, entry) = self.visible(path)?;
+        Ok(entry.durable_info(id))
+    }
+
+    /// Locates a read: which chunks, from where to where. Renews the TTL.
+    pub(crate) fn locate(
+        &mut self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+        subscribe: bool,
+        now: SystemTime,
+    ) -> Result<Located, StreamError> {
+        let (id, entry) = self.visible(path)?;
+        let info = entry.durable_info(id);
+        let subscription = (subscribe && !info.closed).then(|| entry.wake.subscribe());
+        let view = self.view(id, true);
+        let boundary = |at| {
+            at == info.tail
+                || view
+                    .segment_of(at)
+                    .is_some_and(|(e, _)| e.index_of(at).is_some())
+        };
+        let start = match from {
+            ReadFrom::Start => Offset::ZERO,
+            ReadFrom::Now => info.tail,
+            ReadFrom::At(at) if at <= info.tail && boundary(at) => at,
+            ReadFrom::At(_) => {
+                return Err(StreamError::invalid(
+                    "offset is not a position in this stream",
+                ))
+            }
+        };
+        let (chunks, next) = view.collect(start, max_bytes);
+        let wait = subscription.filter(|_| chunks.is_empty()).map(|mut rx| {
+            TailWait::new(async move {
+                // An error means the stream is gone: wake up and find out.
+                let _ = rx.changed().await;
+            })
+        });
+        if let Some(entry) = self.streams.get_mut(&id) {
+            entry.touched = entry.touched.max(now);
+        }
+        Ok(Located {
+            info,
+            start,
+            next,
+            chunks,
+            wait,
+        })
+    }
+}
+
+fn push(entry: &mut Entry, chunks: Vec<Chunk>) {
+    for chunk in chunks {
+        entry.starts.push(entry.tail);
+        entry.tail = entry
+            .tail
+            .after_record(chunk.len())
+            .expect("decisions check that offsets do not overflow");
+        entry.chunks.push(chunk);
+    }
+}
