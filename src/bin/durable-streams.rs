@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +18,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_durable_streams::storage::{
+    FileStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
+};
 use tower_durable_streams::{
     CacheControlLayer, DurableStreamsService, LongPollLayer, MemoryStorage, SseLayer,
 };
@@ -39,8 +44,15 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:4437")]
     addr: SocketAddr,
     /// Where streams are kept.
-    #[arg(long, value_enum, default_value_t = Storage::Memory)]
+    #[arg(long, value_enum, default_value_t = Storage::File)]
     storage: Storage,
+    /// The directory of file storage.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// When a write to file storage is acknowledged: `fsync` (survives power
+    /// loss) or `write` (survives a crash of the process only).
+    #[arg(long, value_enum, default_value_t = SyncArg::Fsync)]
+    sync: SyncArg,
     /// How long a long-poll waits for data, such as `500ms` or `30s`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     long_poll_timeout: Duration,
@@ -57,25 +69,60 @@ struct ServeArgs {
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum Storage {
+    /// A write-ahead log in `--data-dir`: durable.
+    File,
     /// In memory: fast, and gone when the process ends.
     Memory,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum SyncArg {
+    /// Acknowledge after fdatasync.
+    Fsync,
+    /// Acknowledge after write(2).
+    Write,
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let Command::Serve(args) = Cli::parse().command;
-    serve(args).await
+    match serve(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("durable-streams: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let storage = match args.storage {
-        Storage::Memory => MemoryStorage::new(),
-    };
+    match args.storage {
+        Storage::Memory => run(args, MemoryStorage::new()).await,
+        Storage::File => {
+            let sync = match args.sync {
+                SyncArg::Fsync => SyncMode::Fsync,
+                SyncArg::Write => SyncMode::Write,
+            };
+            let storage = FileStorage::builder().sync(sync).open(&args.data_dir)?;
+            run(args, storage).await
+        }
+    }
+}
+
+async fn run<S>(args: ServeArgs, storage: S) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tower::Service<StorageRequest, Response = StorageResponse, Error = StreamError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+{
     let streams = ServiceBuilder::new()
         .layer(CacheControlLayer::new())
         .layer(SseLayer::new().connection_lifetime(args.sse_lifetime))

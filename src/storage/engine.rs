@@ -66,10 +66,6 @@ impl<L: Log> Engine<L> {
         }
     }
 
-    pub(crate) fn log(&self) -> &L {
-        &self.log
-    }
-
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -429,13 +429,8 @@ impl Index {
     }
 
     /// Applies a decided (or replayed) operation. `chunks` holds where each of
-    /// the operation's records now lives, in order.
-    ///
-    /// # Panics
-    ///
-    /// If the operation names a stream the index does not have, which a
-    /// decision made under the same lock, or a log written by this index,
-    /// never does.
+    /// the operation's records now lives, in order. An operation on a stream
+    /// the index does not have changes nothing.
     pub(crate) fn apply(&mut self, op: Op, chunks: Vec<Chunk>, now: SystemTime) {
         match op {
             Op::Create(new) => {
@@ -482,10 +477,10 @@ impl Index {
                 close,
                 ..
             } => {
-                let entry = self
-                    .streams
-                    .get_mut(&id)
-                    .expect("appends are decided against existing streams");
+                let Some(entry) = self.streams.get_mut(&id) else {
+                    tracing::warn!(id, "append to an unknown stream ignored");
+                    return;
+                };
                 entry.writer.record(producer, stream_seq, close);
                 push(entry, chunks);
                 entry.touched = entry.touched.max(now);
@@ -611,6 +606,14 @@ impl Index {
             chunks,
             wait,
         })
+    }
+}
+
+impl Index {
+    /// How many streams the index holds, deleted ones kept for forks
+    /// included.
+    pub(crate) fn len(&self) -> usize {
+        self.streams.len()
     }
 }
 

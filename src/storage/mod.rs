@@ -17,6 +17,8 @@
 
 mod engine;
 mod error;
+#[cfg(feature = "file")]
+pub mod file;
 mod index;
 mod memory;
 pub mod rules;
@@ -26,6 +28,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 pub use self::error::{StreamError, StreamErrorKind};
+#[cfg(feature = "file")]
+pub use self::file::{FileStorage, FileStorageBuilder, SyncMode};
 pub use self::memory::MemoryStorage;
 use crate::live::TailWait;
 use crate::offset::{Offset, ReadFrom};

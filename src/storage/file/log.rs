@@ -1,0 +1,336 @@
+//! The write-ahead log: numbered segment files, one writer thread, group
+//! commit.
+//!
+//! [`FileLog::record`] encodes a frame into a buffer and returns at once; it
+//! runs under the index lock, so frames land in the order decisions were
+//! made. A writer thread takes whatever has gathered, writes it with one
+//! `write`, calls `fdatasync` once for all of it, and then announces the new
+//! durable position. Appends from many streams and connections thus share
+//! one sync, and the more arrive during a sync, the larger the next batch.
+//!
+//! When a write or sync fails, nothing after it can be trusted to be on disk:
+//! the log refuses every later operation (disk full: 507, other errors: 503)
+//! until the process restarts and recovery cuts the log back to its last
+//! whole frame.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::thread;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::frame;
+use super::SyncMode;
+use crate::storage::engine::Log;
+use crate::storage::index::{Chunk, Location, Op};
+use crate::storage::{StreamError, StreamErrorKind};
+
+/// Reads larger than this run on the blocking pool.
+const INLINE_READ_LIMIT: usize = 256 * 1024;
+
+pub(crate) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
+    dir.join(format!("{segment:020}.log"))
+}
+
+/// What the writer thread has made durable.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    /// Everything recorded before this log position is durable.
+    lsn: u64,
+    /// The log failed; nothing more will be durable.
+    failed: Option<StreamErrorKind>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// The segment being appended to, and the position after the last
+    /// recorded frame.
+    segment: u64,
+    pos: u64,
+    /// Every byte ever recorded, across segments: the log position.
+    lsn: u64,
+    /// Encoded frames not yet written, by segment, in order.
+    batches: Vec<(u64, Vec<u8>)>,
+    failed: Option<StreamErrorKind>,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    sync: SyncMode,
+    segment_size: u64,
+    pending: Mutex<Pending>,
+    wake_writer: Condvar,
+    durable: watch::Sender<Durable>,
+    readers: RwLock<HashMap<u64, Arc<File>>>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
+        if let Some(file) = self
+            .readers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&segment)
+        {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(File::open(segment_path(&self.dir, segment))?);
+        self.readers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(segment, file.clone());
+        Ok(file)
+    }
+
+    fn read_chunks(&self, chunks: &[Chunk]) -> io::Result<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            match chunk {
+                Chunk::Mem(bytes) => out.push(bytes.clone()),
+                Chunk::Disk(at) => {
+                    let mut buf = vec![0; at.len as usize];
+                    self.reader(at.segment)?.read_exact_at(&mut buf, at.pos)?;
+                    out.push(Bytes::from(buf));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The file store's log. Dropping it lets the writer thread finish what is
+/// buffered and stop.
+#[derive(Debug)]
+pub(crate) struct FileLog {
+    shared: Arc<Shared>,
+    writer: Option<thread::JoinHandle<()>>,
+    /// Holds the directory's lock for as long as the log is open.
+    _lock: File,
+}
+
+impl FileLog {
+    /// Starts a log that continues `segment` at `pos`.
+    pub(crate) fn start(
+        dir: PathBuf,
+        sync: SyncMode,
+        segment_size: u64,
+        segment: u64,
+        pos: u64,
+        lock: File,
+    ) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            dir,
+            sync,
+            segment_size,
+            pending: Mutex::new(Pending {
+                segment,
+                pos,
+                lsn: 0,
+                batches: Vec::new(),
+                failed: None,
+                closing: false,
+            }),
+            wake_writer: Condvar::new(),
+            durable: watch::Sender::new(Durable::default()),
+            readers: RwLock::new(HashMap::new()),
+        });
+        let writer = Writer::open(&shared, segment)?;
+        let thread_shared = shared.clone();
+        let handle = thread::Builder::new()
+            .name("durable-streams-log".into())
+            .spawn(move || writer.run(&thread_shared))?;
+        Ok(Self {
+            shared,
+            writer: Some(handle),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for FileLog {
+    fn drop(&mut self) {
+        self.shared.pending().closing = true;
+        self.shared.wake_writer.notify_one();
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn failure(kind: StreamErrorKind) -> StreamError {
+    let message = match kind {
+        StreamErrorKind::Full => "storage is full",
+        _ => "storage failed; restart the server to recover",
+    };
+    StreamError::new(kind, message)
+}
+
+impl Log for FileLog {
+    const IMMEDIATE: bool = false;
+
+    fn record(&self, op: &Op) -> Result<Vec<Chunk>, StreamError> {
+        let mut frame = Vec::with_capacity(64 + op.records().iter().map(Bytes::len).sum::<usize>());
+        let ranges = frame::encode(op, &mut frame);
+        let mut pending = self.shared.pending();
+        if let Some(kind) = pending.failed.clone() {
+            return Err(failure(kind));
+        }
+        let len = frame.len() as u64;
+        if pending.pos > 0 && pending.pos + len > self.shared.segment_size {
+            pending.segment += 1;
+            pending.pos = 0;
+        }
+        let (segment, pos) = (pending.segment, pending.pos);
+        let chunks = ranges
+            .into_iter()
+            .map(|range| {
+                Chunk::Disk(Location {
+                    segment,
+                    pos: pos + range.start as u64,
+                    len: range.len() as u32,
+                })
+            })
+            .collect();
+        match pending.batches.last_mut() {
+            Some((last, bytes)) if *last == segment => bytes.extend_from_slice(&frame),
+            _ => pending.batches.push((segment, frame)),
+        }
+        pending.pos += len;
+        pending.lsn += len;
+        drop(pending);
+        self.shared.wake_writer.notify_one();
+        Ok(chunks)
+    }
+
+    fn ticket(&self) -> u64 {
+        self.shared.pending().lsn
+    }
+
+    fn durable(&self, ticket: u64) -> impl Future<Output = Result<(), StreamError>> + Send {
+        let mut rx = self.shared.durable.subscribe();
+        async move {
+            let state = rx
+                .wait_for(|d| d.lsn >= ticket || d.failed.is_some())
+                .await
+                .map(|d| d.clone())
+                .map_err(|_| failure(StreamErrorKind::Unavailable))?;
+            match state.failed {
+                Some(kind) if state.lsn < ticket => Err(failure(kind)),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        chunks: Vec<Chunk>,
+    ) -> impl Future<Output = Result<Vec<Bytes>, StreamError>> + Send {
+        let total: usize = chunks.iter().map(Chunk::len).sum();
+        let inline = total <= INLINE_READ_LIMIT;
+        let result = inline.then(|| self.shared.read_chunks(&chunks));
+        let shared = self.shared.clone();
+        async move {
+            let read = match result {
+                Some(read) => read,
+                None => tokio::task::spawn_blocking(move || shared.read_chunks(&chunks))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e))),
+            };
+            read.map_err(|e| {
+                tracing::error!(error = %e, "reading the log failed");
+                StreamError::new(StreamErrorKind::Unavailable, "could not read the stream")
+            })
+        }
+    }
+
+    fn read_now(&self, chunk: &Chunk) -> Option<Bytes> {
+        self.shared
+            .read_chunks(std::slice::from_ref(chunk))
+            .ok()?
+            .pop()
+    }
+}
+
+/// The writer thread's state: the segment file it appends to.
+struct Writer {
+    segment: u64,
+    file: File,
+}
+
+impl Writer {
+    fn open(shared: &Shared, segment: u64) -> io::Result<Self> {
+        let path = segment_path(&shared.dir, segment);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        sync_dir(&shared.dir)?;
+        Ok(Self { segment, file })
+    }
+
+    fn run(mut self, shared: &Shared) {
+        loop {
+            let (batches, lsn) = {
+                let mut pending = shared.pending();
+                while pending.batches.is_empty() && !pending.closing {
+                    pending = shared
+                        .wake_writer
+                        .wait(pending)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                if pending.batches.is_empty() {
+                    return;
+                }
+                (std::mem::take(&mut pending.batches), pending.lsn)
+            };
+            match self.write(shared, batches) {
+                Ok(()) => {
+                    shared.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
+                }
+                Err(e) => {
+                    let kind = if e.kind() == io::ErrorKind::StorageFull {
+                        StreamErrorKind::Full
+                    } else {
+                        StreamErrorKind::Unavailable
+                    };
+                    tracing::error!(error = %e, "writing the log failed; refusing further writes");
+                    shared.pending().failed = Some(kind.clone());
+                    shared.durable.send_modify(|d| d.failed = Some(kind));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, shared: &Shared, batches: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        for (segment, bytes) in batches {
+            if segment != self.segment {
+                self.finish(shared)?;
+                *self = Writer::open(shared, segment)?;
+            }
+            self.file.write_all(&bytes)?;
+        }
+        self.finish(shared)
+    }
+
+    fn finish(&mut self, shared: &Shared) -> io::Result<()> {
+        match shared.sync {
+            SyncMode::Fsync => self.file.sync_data(),
+            SyncMode::Write => Ok(()),
+        }
+    }
+}
+
+/// Makes a new file's directory entry durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
