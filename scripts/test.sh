@@ -43,12 +43,13 @@ pick_port() {
 }
 
 run_conformance() {
-  local storage="$1" port log pid status=0
+  local storage="$1" port log data pid status=0
   port=$(pick_port)
   log=$(mktemp "${TMPDIR:-/tmp}/durable-streams-$storage-XXXXXX.log")
+  data=$(mktemp -d "${TMPDIR:-/tmp}/durable-streams-data-XXXXXX")
   step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
   ./target/debug/durable-streams serve --addr "127.0.0.1:$port" --storage "$storage" \
-    --long-poll-timeout 500ms >"$log" 2>&1 &
+    --data-dir "$data" --long-poll-timeout 500ms >"$log" 2>&1 &
   pid=$!
   for _ in $(seq 1 100); do
     if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
@@ -62,6 +63,7 @@ run_conformance() {
   bash "$shared/conformance/run.sh" "http://127.0.0.1:$port" || status=$?
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  rm -rf "$data"
   if [ "$status" -ne 0 ]; then
     echo "test.sh: server log ($log):" >&2
     tail -n 50 "$log" >&2
@@ -71,4 +73,7 @@ run_conformance() {
   return "$status"
 }
 
-run_conformance memory
+status=0
+run_conformance memory || status=1
+run_conformance file || status=1
+exit "$status"

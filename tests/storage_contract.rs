@@ -20,6 +20,7 @@ use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_durable_streams::live::TailWait;
 use tower_durable_streams::offset::{Offset, ReadFrom};
 use tower_durable_streams::producer::{ProducerClaim, ProducerState};
+use tower_durable_streams::storage::FileStorage;
 use tower_durable_streams::storage::{
     Append, AppendOutcome, Appended, BadBody, Create, Read, ReadResult, StorageRequest,
     StorageResponse, StreamError, StreamErrorKind, StreamInfo,
@@ -39,6 +40,8 @@ struct Store {
     sent: Arc<AtomicUsize>,
     /// Requests a counting middleware saw, when there is one.
     seen: Option<Arc<AtomicUsize>>,
+    /// The data directory of a file backend, removed after the test.
+    _dir: Option<Arc<tempfile::TempDir>>,
 }
 
 type Outcome<T> = Result<T, StreamErrorKind>;
@@ -54,6 +57,7 @@ where
         backend: BoxCloneService::new(backend.map_err(Into::into)),
         sent: Arc::default(),
         seen: None,
+        _dir: None,
     }
 }
 
@@ -329,6 +333,15 @@ fn memory() -> Store {
     store(MemoryStorage::new())
 }
 
+fn file() -> Store {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let storage = FileStorage::open(dir.path()).expect("file storage opens");
+    Store {
+        _dir: Some(Arc::new(dir)),
+        ..store(storage)
+    }
+}
+
 fn layered() -> Store {
     let (service, calls) = layered_memory();
     Store {
@@ -386,6 +399,7 @@ macro_rules! contract {
 }
 
 contract!(memory);
+contract!(file);
 contract!(layered);
 
 // ---------------------------------------------------------------------------
