@@ -66,6 +66,22 @@ impl<L: Log> Engine<L> {
         }
     }
 
+    pub(crate) fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// Deletes every stream that has expired by `now`, so its space can be
+    /// reclaimed even if nobody asks for it again.
+    pub(crate) fn sweep(&self, now: SystemTime) {
+        let mut index = self.lock();
+        for path in index.expired_paths(now) {
+            if let Err(e) = self.expire(&mut index, &path, now) {
+                tracing::debug!(error = %e, "could not delete an expired stream");
+                return;
+            }
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }

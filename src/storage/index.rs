@@ -609,11 +609,123 @@ impl Index {
     }
 }
 
+/// A stream as a snapshot keeps it: everything but what can be derived.
+#[derive(Debug, Clone)]
+pub(crate) struct Saved {
+    pub(crate) id: u64,
+    pub(crate) path: String,
+    pub(crate) content_type: ContentType,
+    pub(crate) expiry: Expiry,
+    pub(crate) writer: WriterState,
+    pub(crate) fork: Option<(ForkPoint, u64)>,
+    pub(crate) base: Offset,
+    pub(crate) chunks: Vec<Location>,
+    pub(crate) deleted: bool,
+}
+
 impl Index {
     /// How many streams the index holds, deleted ones kept for forks
     /// included.
     pub(crate) fn len(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Every stream, for a snapshot, with the next id to hand out. Records
+    /// held in memory cannot be saved and make this fail.
+    pub(crate) fn export(&self) -> Option<(u64, Vec<Saved>)> {
+        let mut saved = Vec::with_capacity(self.streams.len());
+        for (&id, entry) in &self.streams {
+            let chunks = entry
+                .chunks
+                .iter()
+                .map(|chunk| match chunk {
+                    Chunk::Disk(at) => Some(*at),
+                    Chunk::Mem(_) => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            saved.push(Saved {
+                id,
+                path: entry.path.clone(),
+                content_type: entry.content_type.clone(),
+                expiry: entry.expiry,
+                writer: entry.writer.clone(),
+                fork: entry.fork.clone().zip(entry.source),
+                base: entry.base,
+                chunks,
+                deleted: entry.deleted,
+            });
+        }
+        saved.sort_unstable_by_key(|s| s.id);
+        Some((self.next_id, saved))
+    }
+
+    /// Rebuilds an index from a snapshot. Everything in it is durable.
+    pub(crate) fn import(next_id: u64, saved: Vec<Saved>, now: SystemTime) -> Self {
+        let mut index = Index {
+            next_id,
+            ..Index::default()
+        };
+        for stream in saved {
+            let (fork, source) = stream
+                .fork
+                .map_or((None, None), |(f, s)| (Some(f), Some(s)));
+            let mut entry = Entry {
+                path: stream.path.clone(),
+                content_type: stream.content_type,
+                expiry: stream.expiry,
+                touched: now,
+                writer: stream.writer,
+                fork,
+                source,
+                base: stream.base,
+                chunks: Vec::new(),
+                starts: Vec::new(),
+                tail: stream.base,
+                durable_tail: stream.base,
+                durable_closed: false,
+                durable: false,
+                forks: 0,
+                deleted: stream.deleted,
+                wake: watch::Sender::new(()),
+            };
+            push(
+                &mut entry,
+                stream.chunks.into_iter().map(Chunk::Disk).collect(),
+            );
+            index.paths.insert(stream.path, stream.id);
+            index.streams.insert(stream.id, entry);
+            index.next_id = index.next_id.max(stream.id);
+        }
+        let sources: Vec<u64> = index.streams.values().filter_map(|e| e.source).collect();
+        for source in sources {
+            if let Some(entry) = index.streams.get_mut(&source) {
+                entry.forks += 1;
+            }
+        }
+        index.publish_all();
+        index
+    }
+
+    /// The log segments that hold bytes of some stream's records.
+    pub(crate) fn segments_in_use(&self) -> std::collections::BTreeSet<u64> {
+        self.streams
+            .values()
+            .flat_map(|e| e.chunks.iter())
+            .filter_map(|chunk| match chunk {
+                Chunk::Disk(at) => Some(at.segment),
+                Chunk::Mem(_) => None,
+            })
+            .collect()
+    }
+
+    /// The paths of streams that have expired by `now` and are not yet
+    /// deleted.
+    pub(crate) fn expired_paths(&self, now: SystemTime) -> Vec<String> {
+        self.streams
+            .values()
+            .filter(|e| !e.deleted && e.expiry.is_expired(e.touched, now))
+            .map(|e| e.path.clone())
+            .collect()
     }
 }
 

@@ -22,13 +22,11 @@
 //! runs no rules. A frame that is cut short or fails its checksum ends the
 //! log.
 
-use std::ops::Range;
-use std::time::{Duration, UNIX_EPOCH};
-
-use crate::offset::Offset;
+use super::codec::{put_expiry, put_offset, put_str, put_u32, put_u64, Corrupt, Reader};
 use crate::producer::ProducerState;
 use crate::storage::index::{NewStream, Op};
-use crate::stream::{ContentType, Expiry, ForkPoint};
+use crate::stream::{ContentType, ForkPoint};
+use std::ops::Range;
 
 /// Bytes before a frame's body: its length and checksum.
 pub(crate) const HEADER_LEN: usize = 8;
@@ -112,15 +110,6 @@ pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) -> Vec<Range<usize>> {
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     ranges
-}
-
-/// Why a frame could not be read.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Corrupt {
-    /// The checksum does not match.
-    Checksum,
-    /// The body does not parse.
-    Malformed,
 }
 
 /// Checks a header: the body length it declares, if plausible.
@@ -218,126 +207,15 @@ pub(crate) fn decode(body: &[u8], crc: u32) -> Result<(Op, Vec<Range<usize>>), C
     Ok((op, ranges))
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    put_u32(out, s.len() as u32);
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn put_offset(out: &mut Vec<u8>, offset: Offset) {
-    put_u64(out, offset.index());
-    put_u64(out, offset.position());
-}
-
-fn put_expiry(out: &mut Vec<u8>, expiry: Expiry) {
-    match expiry {
-        Expiry::Never => out.push(0),
-        Expiry::Ttl(secs) => {
-            out.push(1);
-            put_u64(out, secs);
-        }
-        Expiry::At(at) => {
-            out.push(2);
-            let (secs, nanos) = match at.duration_since(UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-                Err(e) => {
-                    let d = e.duration();
-                    // Before the epoch: whole seconds down, nanoseconds up.
-                    let secs = -(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0);
-                    let nanos = (1_000_000_000 - d.subsec_nanos()) % 1_000_000_000;
-                    (secs, nanos)
-                }
-            };
-            out.extend_from_slice(&secs.to_le_bytes());
-            put_u32(out, nanos);
-        }
-    }
-}
-
-struct Reader<'a> {
-    body: &'a [u8],
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], Corrupt> {
-        let end = self.at.checked_add(n).ok_or(Corrupt::Malformed)?;
-        let bytes = self.body.get(self.at..end).ok_or(Corrupt::Malformed)?;
-        self.at = end;
-        Ok(bytes)
-    }
-
-    fn u8(&mut self) -> Result<u8, Corrupt> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn flag(&mut self) -> Result<bool, Corrupt> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(Corrupt::Malformed),
-        }
-    }
-
-    fn u32(&mut self) -> Result<u32, Corrupt> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("four bytes"),
-        ))
-    }
-
-    fn u64(&mut self) -> Result<u64, Corrupt> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("eight bytes"),
-        ))
-    }
-
-    fn string(&mut self) -> Result<String, Corrupt> {
-        let len = self.u32()? as usize;
-        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| Corrupt::Malformed)
-    }
-
-    fn offset(&mut self) -> Result<Offset, Corrupt> {
-        let index = self.u64()?;
-        let position = self.u64()?;
-        Offset::new(index, position).ok_or(Corrupt::Malformed)
-    }
-
-    fn expiry(&mut self) -> Result<Expiry, Corrupt> {
-        Ok(match self.u8()? {
-            0 => Expiry::Never,
-            1 => Expiry::Ttl(self.u64()?),
-            2 => {
-                let secs = i64::from_le_bytes(self.take(8)?.try_into().expect("eight bytes"));
-                let nanos = self.u32()?;
-                if nanos >= 1_000_000_000 {
-                    return Err(Corrupt::Malformed);
-                }
-                let at = if secs >= 0 {
-                    UNIX_EPOCH.checked_add(Duration::new(secs as u64, nanos))
-                } else {
-                    UNIX_EPOCH
-                        .checked_sub(Duration::from_secs(secs.unsigned_abs()))
-                        .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nanos))))
-                };
-                Expiry::At(at.ok_or(Corrupt::Malformed)?)
-            }
-            _ => return Err(Corrupt::Malformed),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use bytes::Bytes;
 
     use super::*;
+    use crate::offset::Offset;
+    use crate::stream::Expiry;
 
     fn round_trip(op: &Op) -> (Op, Vec<u8>, Vec<Range<usize>>) {
         let mut out = Vec::new();

@@ -14,7 +14,7 @@
 //! whole frame.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -57,6 +57,8 @@ struct Pending {
     lsn: u64,
     /// Encoded frames not yet written, by segment, in order.
     batches: Vec<(u64, Vec<u8>)>,
+    /// How many delete frames were ever recorded.
+    deletes: u64,
     failed: Option<StreamErrorKind>,
     closing: bool,
 }
@@ -139,6 +141,7 @@ impl FileLog {
                 pos,
                 lsn: 0,
                 batches: Vec::new(),
+                deletes: 0,
                 failed: None,
                 closing: false,
             }),
@@ -156,6 +159,47 @@ impl FileLog {
             writer: Some(handle),
             _lock: lock,
         })
+    }
+}
+
+impl FileLog {
+    /// Where the next frame goes: its segment and position.
+    pub(crate) fn position(&self) -> (u64, u64) {
+        let pending = self.shared.pending();
+        (pending.segment, pending.pos)
+    }
+
+    /// How much has been recorded: the log position and the number of
+    /// deletes.
+    pub(crate) fn activity(&self) -> (u64, u64) {
+        let pending = self.shared.pending();
+        (pending.lsn, pending.deletes)
+    }
+
+    /// Blocks the calling (non-async) thread until `ticket` is durable.
+    pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
+        loop {
+            {
+                let durable = self.shared.durable.borrow();
+                if durable.lsn >= ticket {
+                    return Ok(());
+                }
+                if durable.failed.is_some() {
+                    return Err(io::Error::other("the log failed"));
+                }
+            }
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Deletes a segment no stream needs any more.
+    pub(crate) fn remove_segment(&self, segment: u64) -> io::Result<()> {
+        self.shared
+            .readers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&segment);
+        fs::remove_file(segment_path(&self.shared.dir, segment))
     }
 }
 
@@ -209,6 +253,9 @@ impl Log for FileLog {
         }
         pending.pos += len;
         pending.lsn += len;
+        if matches!(op, Op::Delete { .. }) {
+            pending.deletes += 1;
+        }
         drop(pending);
         self.shared.wake_writer.notify_one();
         Ok(chunks)

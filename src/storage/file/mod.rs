@@ -31,21 +31,24 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod codec;
 mod frame;
 mod log;
+mod snapshot;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
 
 use tower_service::Service;
 
 use self::log::{segment_path, sync_dir, FileLog};
-use super::engine::Engine;
+use super::engine::{Engine, Log};
 use super::index::{Chunk, Index, Location};
 use super::{StorageRequest, StorageResponse, StreamError};
 use crate::BoxFuture;
@@ -75,6 +78,7 @@ pub enum SyncMode {
 #[derive(Clone)]
 pub struct FileStorage {
     engine: Arc<Engine<FileLog>>,
+    _maintenance: Arc<Maintenance>,
 }
 
 /// Options for opening a [`FileStorage`].
@@ -165,8 +169,12 @@ impl FileStorageBuilder {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "file storage recovered"
         );
+        let engine = Arc::new(Engine::new(index, log));
+        let maintenance = Maintenance::start(&engine, dir, self.segment_size)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start maintenance: {e}")))?;
         Ok(FileStorage {
-            engine: Arc::new(Engine::new(index, log)),
+            engine,
+            _maintenance: Arc::new(maintenance),
         })
     }
 }
@@ -208,18 +216,36 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(found)
 }
 
-/// Replays the log into an index. Returns the index and where the log
-/// continues: the last segment and the position after its last whole frame.
+/// Rebuilds the index: the snapshot, if any, then the log after it. Returns
+/// the index and where the log continues: the last segment and the position
+/// after its last whole frame.
 fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
-    let mut index = Index::default();
     let now = SystemTime::now();
-    let segments = segments(dir)?;
-    let mut end = (segments.first().copied().unwrap_or(1), 0);
+    let (mut index, start) = match snapshot::read(dir)? {
+        Some(s) => (Index::import(s.next_id, s.streams, now), (s.segment, s.pos)),
+        None => (Index::default(), (0, 0)),
+    };
+    let segments: Vec<u64> = segments(dir)?
+        .into_iter()
+        .filter(|s| *s >= start.0)
+        .collect();
+    let mut end = (start.0.max(1), start.1);
     for (i, &segment) in segments.iter().enumerate() {
         let path = segment_path(dir, segment);
         let mut data = Vec::new();
         File::open(&path)?.read_to_end(&mut data)?;
-        let (pos, torn) = replay(&data, segment, &mut index, now);
+        let from = if segment == start.0 {
+            start.1 as usize
+        } else {
+            0
+        };
+        if data.len() < from {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is shorter than the snapshot says", path.display()),
+            ));
+        }
+        let (pos, torn) = replay(&data, from, segment, &mut index, now);
         end = (segment, pos as u64);
         if let Some(why) = torn {
             tracing::warn!(segment = %path.display(), pos, why, "cutting the log at a torn frame");
@@ -243,15 +269,125 @@ fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
     Ok((index, end.0, end.1))
 }
 
+/// The maintenance thread: it deletes expired streams, snapshots the index
+/// after enough log or any deletes, and then removes segments that neither
+/// recovery nor any stream needs. Dropping it stops the thread and waits for
+/// it, so that the store is closed when the last [`FileStorage`] is dropped.
+struct Maintenance {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Maintenance {
+    const PERIOD: Duration = Duration::from_millis(500);
+    const MIN_DELETE_SNAPSHOT_GAP: Duration = Duration::from_secs(5);
+
+    fn start(engine: &Arc<Engine<FileLog>>, dir: PathBuf, snapshot_every: u64) -> io::Result<Self> {
+        let weak = Arc::downgrade(engine);
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let (mut lsn, mut deletes) = engine.log().activity();
+        let mut last_snapshot = Instant::now();
+        let stopping = stop.clone();
+        let thread = thread::Builder::new()
+            .name("durable-streams-maintenance".into())
+            .spawn(move || loop {
+                {
+                    let (flag, wake) = &*stopping;
+                    let guard = flag.lock().unwrap_or_else(PoisonError::into_inner);
+                    let (guard, _) = wake
+                        .wait_timeout_while(guard, Self::PERIOD, |stop| !*stop)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if *guard {
+                        return;
+                    }
+                }
+                let Some(engine) = weak.upgrade() else {
+                    return;
+                };
+                engine.sweep(SystemTime::now());
+                let (now_lsn, now_deletes) = engine.log().activity();
+                let grown = now_lsn - lsn >= snapshot_every;
+                let deleted = now_deletes != deletes
+                    && last_snapshot.elapsed() >= Self::MIN_DELETE_SNAPSHOT_GAP;
+                if grown || deleted {
+                    match snapshot_and_clean(&engine, &dir) {
+                        Ok(()) => {
+                            (lsn, deletes) = (now_lsn, now_deletes);
+                            last_snapshot = Instant::now();
+                        }
+                        Err(e) => tracing::error!(error = %e, "snapshot failed"),
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        let (flag, wake) = &*self.stop;
+        *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes a snapshot, then deletes the segments it made unnecessary.
+fn snapshot_and_clean(engine: &Engine<FileLog>, dir: &Path) -> io::Result<()> {
+    let started = Instant::now();
+    let (saved, ticket, in_use, (segment, pos)) = {
+        let index = engine.lock();
+        let Some(saved) = index.export() else {
+            return Ok(());
+        };
+        let in_use = index.segments_in_use();
+        (
+            saved,
+            engine.log().ticket(),
+            in_use,
+            engine.log().position(),
+        )
+    };
+    let (next_id, streams) = saved;
+    let bytes = snapshot::encode(&snapshot::Snapshot {
+        segment,
+        pos,
+        next_id,
+        streams,
+    });
+    engine.log().wait_durable(ticket)?;
+    snapshot::write(dir, &bytes)?;
+    let mut removed = 0;
+    for old in segments(dir)? {
+        if old < segment && !in_use.contains(&old) {
+            engine.log().remove_segment(old)?;
+            removed += 1;
+        }
+    }
+    tracing::debug!(
+        bytes = bytes.len(),
+        removed_segments = removed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot written"
+    );
+    Ok(())
+}
+
 /// Replays one segment's frames. Returns the position after the last whole
 /// frame, and why replay stopped early, if it did.
 fn replay(
     data: &[u8],
+    from: usize,
     segment: u64,
     index: &mut Index,
     now: SystemTime,
 ) -> (usize, Option<&'static str>) {
-    let mut pos = 0;
+    let mut pos = from;
     while pos < data.len() {
         let Some(header) = data.get(pos..pos + frame::HEADER_LEN) else {
             return (pos, Some("truncated header"));
