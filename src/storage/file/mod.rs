@@ -229,6 +229,12 @@ fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
         .into_iter()
         .filter(|s| *s >= start.0)
         .collect();
+    if start.1 > 0 && segments.first() != Some(&start.0) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("segment {} that the snapshot continues in is missing", start.0),
+        ));
+    }
     let mut end = (start.0.max(1), start.1);
     for (i, &segment) in segments.iter().enumerate() {
         let path = segment_path(dir, segment);
