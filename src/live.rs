@@ -153,3 +153,35 @@ pub(crate) fn with_offset(uri: &http::Uri, offset: &str) -> http::Uri {
     }
     http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
+
+/// The boxed response future of the live layers,
+/// [`long_poll::ResponseFuture`](crate::long_poll::ResponseFuture) and
+/// [`sse::ResponseFuture`](crate::sse::ResponseFuture).
+pub struct LiveFuture<T, E> {
+    inner: crate::BoxFuture<Result<T, E>>,
+}
+
+impl<T, E> LiveFuture<T, E> {
+    pub(crate) fn new<F>(future: F) -> Self
+    where
+        F: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        Self {
+            inner: Box::pin(future),
+        }
+    }
+}
+
+impl<T, E> Future for LiveFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> fmt::Debug for LiveFuture<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveFuture").finish_non_exhaustive()
+    }
+}

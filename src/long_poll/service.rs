@@ -1,6 +1,3 @@
-use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -11,9 +8,8 @@ use tower_service::Service;
 use super::ResponseBody;
 use crate::cursor::next_cursor;
 use crate::headers as h;
-use crate::live::{self, AtTail, LiveRequestBody, Subscribe, TailWait};
+use crate::live::{self, AtTail, LiveFuture, LiveRequestBody, Subscribe, TailWait};
 use crate::service::response::{insert, set_true};
-use crate::BoxFuture;
 
 /// Middleware that serves `live=long-poll` reads. See the
 /// [module docs](crate::long_poll).
@@ -57,17 +53,13 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         if !live::is_live(&request, "long-poll") {
             let future = self.inner.call(request.map(LiveRequestBody::new));
-            return ResponseFuture {
-                inner: Box::pin(async move { Ok(future.await?.map(ResponseBody::inner)) }),
-            };
+            return LiveFuture::new(async move { Ok(future.await?.map(ResponseBody::inner)) });
         }
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, _) = request.into_parts();
-        ResponseFuture {
-            inner: Box::pin(long_poll(inner, parts, self.timeout)),
-        }
+        LiveFuture::new(long_poll(inner, parts, self.timeout))
     }
 }
 
@@ -146,20 +138,4 @@ fn add_cursor(headers: &mut HeaderMap, echoed: Option<&str>) {
 }
 
 /// The future of [`LongPoll`].
-pub struct ResponseFuture<B, E> {
-    inner: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
-}
-
-impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<B, E> fmt::Debug for ResponseFuture<B, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+pub type ResponseFuture<B, E> = LiveFuture<Response<ResponseBody<B>>, E>;

@@ -1,7 +1,5 @@
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -18,10 +16,9 @@ use super::body::{Next, ResponseBody, SseBody, Step};
 use super::encode::{control_event, data_event, Control};
 use crate::cursor::next_cursor;
 use crate::headers as h;
-use crate::live::{self, AtTail, LiveRequestBody, Subscribe, TailWait};
+use crate::live::{self, AtTail, LiveFuture, LiveRequestBody, Subscribe, TailWait};
 use crate::stream::ContentType;
 use crate::BoxError;
-use crate::BoxFuture;
 
 /// Middleware that serves `live=sse` reads. See the [module docs](crate::sse).
 #[derive(Debug, Clone)]
@@ -69,25 +66,21 @@ where
         let inner_body = ResponseBody::inner;
         if !live::is_live(&request, "sse") {
             let future = self.inner.call(request.map(LiveRequestBody::new));
-            return ResponseFuture {
-                inner: Box::pin(async move { Ok(future.await?.map(inner_body)) }),
-            };
+            return LiveFuture::new(async move { Ok(future.await?.map(inner_body)) });
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (mut parts, _) = request.into_parts();
         parts.extensions.insert(Subscribe);
         let deadline = Instant::now() + self.connection_lifetime;
-        ResponseFuture {
-            inner: Box::pin(async move {
-                let request = Request::from_parts(parts.clone(), LiveRequestBody::empty());
-                let first = inner.call(request).await?;
-                if first.status() != StatusCode::OK {
-                    return Ok(first.map(inner_body));
-                }
-                Ok(start(inner, parts, first, deadline))
-            }),
-        }
+        LiveFuture::new(async move {
+            let request = Request::from_parts(parts.clone(), LiveRequestBody::empty());
+            let first = inner.call(request).await?;
+            if first.status() != StatusCode::OK {
+                return Ok(first.map(inner_body));
+            }
+            Ok(start(inner, parts, first, deadline))
+        })
     }
 }
 
@@ -271,20 +264,4 @@ where
 }
 
 /// The future of [`Sse`].
-pub struct ResponseFuture<B, E> {
-    inner: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
-}
-
-impl<B, E> Future for ResponseFuture<B, E> {
-    type Output = Result<Response<ResponseBody<B>>, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
-impl<B, E> fmt::Debug for ResponseFuture<B, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
+pub type ResponseFuture<B, E> = LiveFuture<Response<ResponseBody<B>>, E>;
