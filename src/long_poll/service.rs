@@ -89,7 +89,7 @@ where
                 // Closed at the tail: end of stream, at once.
                 return Ok(no_content(&response, echoed.as_deref()));
             }
-            if response.status() == StatusCode::OK {
+            if matches!(response.status(), StatusCode::OK | StatusCode::NOT_MODIFIED) {
                 add_cursor(response.headers_mut(), echoed.as_deref());
             }
             return Ok(response.map(ResponseBody::inner));

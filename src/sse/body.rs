@@ -40,7 +40,7 @@ impl SseBody {
 impl fmt::Debug for SseBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SseBody")
-            .field("ended", &self.step.lock().map_or(true, |s| s.is_none()))
+            .field("ended", &self.is_end_stream())
             .finish()
     }
 }
@@ -68,6 +68,10 @@ impl Body for SseBody {
                 Poll::Ready(Some(Ok(Frame::data(events))))
             }
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.step.lock().is_ok_and(|step| step.is_none())
     }
 }
 

@@ -6,7 +6,8 @@
 //! outside the lock, wait until the log says the operation is durable, and
 //! only then publish it to readers and answer. Answers that change nothing
 //! (a duplicate, an idempotent create) also wait, since the state they
-//! confirm may still be on its way to disk.
+//! confirm may still be on its way to disk, and then publish it, since the
+//! request that changed it may have been abandoned before it could.
 
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -158,7 +159,9 @@ impl<L: Log> Engine<L> {
             }
             (created, id, info, self.log.ticket())
         };
-        self.settle(ticket, created.then_some((id, &info))).await?;
+        // An existing stream is published too: the request that created it
+        // may have been abandoned before it could publish it.
+        self.settle(ticket, Some((id, &info))).await?;
         Ok(StorageResponse::Created { created, info })
     }
 
@@ -190,8 +193,9 @@ impl<L: Log> Engine<L> {
             }
             (outcome, appended, id, info, self.log.ticket())
         };
-        let written = matches!(outcome, AppendOutcome::Written { .. });
-        self.settle(ticket, written.then_some((id, &info))).await?;
+        // A duplicate publishes too: the request that wrote the data may
+        // have been abandoned before it could publish it.
+        self.settle(ticket, Some((id, &info))).await?;
         Ok(StorageResponse::Appended(Appended {
             info,
             appended,

@@ -232,7 +232,10 @@ fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
     if start.1 > 0 && segments.first() != Some(&start.0) {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("segment {} that the snapshot continues in is missing", start.0),
+            format!(
+                "segment {} that the snapshot continues in is missing",
+                start.0
+            ),
         ));
     }
     let mut end = (start.0.max(1), start.1);
