@@ -26,6 +26,9 @@ cargo clippy --all-targets --all-features --quiet -- -D warnings
 step "cargo test (unit, integration, doc)"
 cargo test --all-features
 
+step "cargo test: the cases suite again, over file storage"
+DS_TEST_STORAGE=file cargo test --all-features --test cases
+
 step "build the server binary"
 cargo build --features server --bin durable-streams --quiet
 

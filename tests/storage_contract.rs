@@ -20,6 +20,7 @@ use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_durable_streams::live::TailWait;
 use tower_durable_streams::offset::{Offset, ReadFrom};
 use tower_durable_streams::producer::{ProducerClaim, ProducerState};
+#[cfg(feature = "file")]
 use tower_durable_streams::storage::FileStorage;
 use tower_durable_streams::storage::{
     Append, AppendOutcome, Appended, BadBody, Create, Read, ReadResult, StorageRequest,
@@ -41,6 +42,7 @@ struct Store {
     /// Requests a counting middleware saw, when there is one.
     seen: Option<Arc<AtomicUsize>>,
     /// The data directory of a file backend, removed after the test.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
     _dir: Option<Arc<tempfile::TempDir>>,
 }
 
@@ -333,6 +335,7 @@ fn memory() -> Store {
     store(MemoryStorage::new())
 }
 
+#[cfg(feature = "file")]
 fn file() -> Store {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let storage = FileStorage::open(dir.path()).expect("file storage opens");
@@ -399,6 +402,7 @@ macro_rules! contract {
 }
 
 contract!(memory);
+#[cfg(feature = "file")]
 contract!(file);
 contract!(layered);
 

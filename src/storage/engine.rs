@@ -10,15 +10,14 @@
 //! request that changed it may have been abandoned before it could.
 
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use super::index::{Chunk, Decision, Index, Op};
 use super::{
-    AppendOutcome, Appended, Create, Read, ReadResult, StorageRequest, StorageResponse,
-    StreamError, StreamInfo,
+    AppendOutcome, Appended, Create, Read, ReadResult, StorageRequest, StorageResponse, StreamError,
 };
 
 /// Where a backend keeps operations and record bytes.
@@ -55,14 +54,14 @@ pub(crate) trait Log: Send + Sync + 'static {
 /// An index and its log.
 #[derive(Debug)]
 pub(crate) struct Engine<L> {
-    index: Mutex<Index>,
+    index: Arc<Mutex<Index>>,
     log: L,
 }
 
 impl<L: Log> Engine<L> {
     pub(crate) fn new(index: Index, log: L) -> Self {
         Self {
-            index: Mutex::new(index),
+            index: Arc::new(Mutex::new(index)),
             log,
         }
     }
@@ -81,6 +80,12 @@ impl<L: Log> Engine<L> {
                 return;
             }
         }
+    }
+
+    /// A handle on the index alone, for callbacks that must not keep the
+    /// log (and its writer thread) alive.
+    pub(crate) fn index(&self) -> Weak<Mutex<Index>> {
+        Arc::downgrade(&self.index)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index> {
@@ -121,28 +126,32 @@ impl<L: Log> Engine<L> {
         };
         let chunks = self.log.record(&op)?;
         index.apply(op, chunks, now);
+        if L::IMMEDIATE {
+            if let Some(info) = index.info(id) {
+                index.publish(id, info.tail, info.closed);
+            }
+        } else if let Some(info) = index.info(id) {
+            // Published by whichever request or maintenance pass first sees
+            // the log durable past this point, even if this request is
+            // abandoned before it gets there.
+            index.schedule(self.log.ticket(), id, info.tail, info.closed);
+        }
         Ok(id)
     }
 
-    /// Waits until the state behind an answer is durable, then shows the
-    /// stream's new state (if any) to readers.
-    async fn settle(
-        &self,
-        ticket: u64,
-        publish: Option<(u64, &StreamInfo)>,
-    ) -> Result<(), StreamError> {
+    /// Waits until the state behind an answer is durable, then shows every
+    /// change up to it to readers.
+    async fn settle(&self, ticket: u64) -> Result<(), StreamError> {
         if !L::IMMEDIATE {
             self.log.durable(ticket).await?;
-            if let Some((id, info)) = publish {
-                self.lock().publish(id, info.tail, info.closed);
-            }
+            self.lock().publish_durable(ticket);
         }
         Ok(())
     }
 
     async fn create(&self, create: Create) -> Result<StorageResponse, StreamError> {
         let now = create.now;
-        let (created, id, info, ticket) = {
+        let (created, info, ticket) = {
             let mut index = self.lock();
             self.expire(&mut index, &create.path, now)?;
             if let Some(fork) = &create.config.fork {
@@ -154,20 +163,15 @@ impl<L: Log> Engine<L> {
                 Decision::Change(op) => (true, self.change(&mut index, op, now)?),
             };
             let info = index.info(id).ok_or_else(StreamError::not_found)?;
-            if created && L::IMMEDIATE {
-                index.publish(id, info.tail, info.closed);
-            }
-            (created, id, info, self.log.ticket())
+            (created, info, self.log.ticket())
         };
-        // An existing stream is published too: the request that created it
-        // may have been abandoned before it could publish it.
-        self.settle(ticket, Some((id, &info))).await?;
+        self.settle(ticket).await?;
         Ok(StorageResponse::Created { created, info })
     }
 
     async fn append(&self, append: super::Append) -> Result<StorageResponse, StreamError> {
         let now = append.now;
-        let (outcome, appended, id, info, ticket) = {
+        let (outcome, appended, info, ticket) = {
             let mut index = self.lock();
             self.expire(&mut index, &append.path, now)?;
             let (outcome, appended, id) = match index.decide_append(append)? {
@@ -187,15 +191,9 @@ impl<L: Log> Engine<L> {
                 }
             };
             let info = index.info(id).ok_or_else(StreamError::not_found)?;
-            let written = matches!(outcome, AppendOutcome::Written { .. });
-            if written && L::IMMEDIATE {
-                index.publish(id, info.tail, info.closed);
-            }
-            (outcome, appended, id, info, self.log.ticket())
+            (outcome, appended, info, self.log.ticket())
         };
-        // A duplicate publishes too: the request that wrote the data may
-        // have been abandoned before it could publish it.
-        self.settle(ticket, Some((id, &info))).await?;
+        self.settle(ticket).await?;
         Ok(StorageResponse::Appended(Appended {
             info,
             appended,
@@ -234,7 +232,7 @@ impl<L: Log> Engine<L> {
             self.change(&mut index, op, now)?;
             self.log.ticket()
         };
-        self.settle(ticket, None).await?;
+        self.settle(ticket).await?;
         Ok(StorageResponse::Deleted)
     }
 }

@@ -9,7 +9,7 @@
 //! ([`Index::publish`]), which wakes the stream's waiters. Replaying a log
 //! after a restart is the same `apply` and `publish`, with no rules to run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -240,6 +240,9 @@ pub(crate) struct Index {
     streams: HashMap<u64, Entry>,
     paths: HashMap<String, u64>,
     next_id: u64,
+    /// Changes to publish once the log is durable past their ticket, in
+    /// ticket order: `(ticket, stream, tail, closed)`.
+    publications: VecDeque<(u64, u64, Offset, bool)>,
 }
 
 impl Index {
@@ -515,6 +518,23 @@ impl Index {
         entry.durable_closed = closed;
         if changed {
             entry.wake.send_replace(());
+        }
+    }
+
+    /// Publishes stream `id` up to `tail` once the log is durable past
+    /// `ticket`.
+    pub(crate) fn schedule(&mut self, ticket: u64, id: u64, tail: Offset, closed: bool) {
+        self.publications.push_back((ticket, id, tail, closed));
+    }
+
+    /// Publishes every scheduled change whose ticket the log is durable past.
+    pub(crate) fn publish_durable(&mut self, durable: u64) {
+        while let Some(&(ticket, id, tail, closed)) = self.publications.front() {
+            if ticket > durable {
+                break;
+            }
+            self.publications.pop_front();
+            self.publish(id, tail, closed);
         }
     }
 

@@ -2,6 +2,14 @@
 //! it: hyper's client for ordinary requests, an SSE reader with deadlines,
 //! and a raw TCP connection for exact bytes (chunked bodies, `Expect:
 //! 100-continue`, aborted uploads).
+//!
+//! The server keeps streams in `MemoryStorage`, or, with
+//! `DS_TEST_STORAGE=file` (and the `file` feature), in a `FileStorage` on a
+//! temporary directory of its own:
+//!
+//! ```text
+//! DS_TEST_STORAGE=file cargo test --all-features --test cases
+//! ```
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
@@ -24,6 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 use tower_durable_streams::service::DEFAULT_MAX_BODY_SIZE;
+use tower_durable_streams::storage::{StorageRequest, StorageResponse, StreamError};
 use tower_durable_streams::{
     CacheControlLayer, DurableStreamsService, LongPollLayer, MemoryStorage, SseLayer,
 };
@@ -40,6 +49,7 @@ pub struct Options {
     pub long_poll_timeout: Duration,
     pub sse_lifetime: Duration,
     pub max_body_size: usize,
+    pub body_timeout: Duration,
 }
 
 impl Default for Options {
@@ -48,6 +58,7 @@ impl Default for Options {
             long_poll_timeout: Duration::from_secs(5),
             sse_lifetime: Duration::from_secs(60),
             max_body_size: DEFAULT_MAX_BODY_SIZE,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -59,6 +70,20 @@ pub struct Server {
     addr: SocketAddr,
     client: Client<HttpConnector, Full<Bytes>>,
     _accept: Arc<AbortOnDrop>,
+    /// The data directory of file storage, removed with the last clone.
+    _data: Option<Arc<tempfile::TempDir>>,
+}
+
+/// The storage backend `DS_TEST_STORAGE` names: `memory` (the default) or
+/// `file`.
+fn file_storage() -> bool {
+    match std::env::var("DS_TEST_STORAGE").as_deref() {
+        Err(_) | Ok("" | "memory") => false,
+        Ok("file") if cfg!(feature = "file") => true,
+        Ok(other) => {
+            panic!("DS_TEST_STORAGE={other}: expected memory, or file with --features file")
+        }
+    }
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -75,16 +100,41 @@ impl Server {
         Self::with(Options::default()).await
     }
 
-    /// The stack the binary builds, served on 127.0.0.1 with hyper-util.
+    /// The stack the binary builds, served on 127.0.0.1 with hyper-util,
+    /// over the storage `DS_TEST_STORAGE` names.
     pub async fn with(options: Options) -> Self {
+        #[cfg(feature = "file")]
+        if file_storage() {
+            let dir = tempfile::tempdir().expect("a temporary data directory");
+            let storage = tower_durable_streams::storage::FileStorage::open(dir.path())
+                .expect("file storage opens");
+            let mut server = Self::over(storage, options).await;
+            server._data = Some(Arc::new(dir));
+            return server;
+        }
+        // Without the `file` feature, this refuses DS_TEST_STORAGE=file.
+        assert!(!file_storage());
+        Self::over(MemoryStorage::new(), options).await
+    }
+
+    async fn over<S>(storage: S, options: Options) -> Self
+    where
+        S: tower::Service<StorageRequest, Response = StorageResponse, Error = StreamError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send,
+    {
         let streams = ServiceBuilder::new()
             .layer(CacheControlLayer::new())
             .layer(SseLayer::new().connection_lifetime(options.sse_lifetime))
             .layer(LongPollLayer::new().timeout(options.long_poll_timeout))
             .service(
-                DurableStreamsService::new(MemoryStorage::new())
+                DurableStreamsService::new(storage)
                     .prefix(PREFIX)
-                    .max_body_size(options.max_body_size),
+                    .max_body_size(options.max_body_size)
+                    .body_timeout(options.body_timeout),
             );
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -113,6 +163,7 @@ impl Server {
             addr,
             client: Client::builder(TokioExecutor::new()).build_http(),
             _accept: Arc::new(AbortOnDrop(accept)),
+            _data: None,
         }
     }
 

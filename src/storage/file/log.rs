@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::thread;
 
 use bytes::Bytes;
@@ -63,7 +63,6 @@ struct Pending {
     closing: bool,
 }
 
-#[derive(Debug)]
 struct Shared {
     dir: PathBuf,
     sync: SyncMode,
@@ -72,6 +71,8 @@ struct Shared {
     wake_writer: Condvar,
     durable: watch::Sender<Durable>,
     readers: RwLock<HashMap<u64, Arc<File>>>,
+    /// Called by the writer thread after each durable batch.
+    on_durable: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl Shared {
@@ -114,7 +115,6 @@ impl Shared {
 
 /// The file store's log. Dropping it lets the writer thread finish what is
 /// buffered and stop.
-#[derive(Debug)]
 pub(crate) struct FileLog {
     shared: Arc<Shared>,
     writer: Option<thread::JoinHandle<()>>,
@@ -148,6 +148,7 @@ impl FileLog {
             wake_writer: Condvar::new(),
             durable: watch::Sender::new(Durable::default()),
             readers: RwLock::new(HashMap::new()),
+            on_durable: OnceLock::new(),
         });
         let writer = Writer::open(&shared, segment)?;
         let thread_shared = shared.clone();
@@ -176,6 +177,12 @@ impl FileLog {
         (pending.lsn, pending.deletes)
     }
 
+    /// Sets what the writer thread calls, with the durable log position,
+    /// after each batch it makes durable.
+    pub(crate) fn on_durable(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.shared.on_durable.set(Box::new(hook));
+    }
+
     /// Blocks the calling (non-async) thread until `ticket` is durable.
     pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         loop {
@@ -200,6 +207,14 @@ impl FileLog {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&segment);
         fs::remove_file(segment_path(&self.shared.dir, segment))
+    }
+}
+
+impl std::fmt::Debug for FileLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileLog")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -342,6 +357,9 @@ impl Writer {
             match self.write(shared, batches) {
                 Ok(()) => {
                     shared.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
+                    if let Some(hook) = shared.on_durable.get() {
+                        hook(lsn);
+                    }
                 }
                 Err(e) => {
                     let kind = if e.kind() == io::ErrorKind::StorageFull {
