@@ -18,7 +18,9 @@ pub(crate) fn next_cursor(now: SystemTime, echoed: Option<&str>) -> u64 {
         .unwrap_or_default();
     let current = since_epoch.as_secs() / INTERVAL.as_secs();
     match echoed.and_then(|c| c.parse::<u64>().ok()) {
-        Some(client) if client >= current => {
+        // A cursor too large to move past is junk, like one that is not a
+        // number.
+        Some(client) if client >= current && client < u64::MAX / 2 => {
             // 1 to 3600 seconds of jitter, in whole intervals, at least one.
             let jitter_secs = 1 + random() % 3600;
             client.saturating_add((jitter_secs / INTERVAL.as_secs()).max(1))

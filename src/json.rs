@@ -4,6 +4,13 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
 
+/// The deepest nesting accepted, so that readers that parse recursively
+/// cannot be made to overflow their stack.
+pub(crate) const MAX_DEPTH: usize = 128;
+/// The most messages one body may hold. Each message is a record with its
+/// own offset, so a body of many tiny messages costs far more than its size.
+pub(crate) const MAX_MESSAGES: usize = 100_000;
+
 /// Why a JSON body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum JsonError {
@@ -11,6 +18,10 @@ pub(crate) enum JsonError {
     Invalid(String),
     /// An append of `[]`, which stores nothing.
     EmptyArray,
+    /// Nested deeper than [`MAX_DEPTH`].
+    TooDeep,
+    /// More than [`MAX_MESSAGES`] messages.
+    TooMany,
 }
 
 /// Splits a body into the messages it stores: the elements of a top-level
@@ -18,6 +29,9 @@ pub(crate) enum JsonError {
 ///
 /// An empty array is an error for appends and zero messages for creates.
 pub(crate) fn messages(body: &[u8], allow_empty_array: bool) -> Result<Vec<Bytes>, JsonError> {
+    if depth(body) > MAX_DEPTH {
+        return Err(JsonError::TooDeep);
+    }
     let value: &RawValue =
         serde_json::from_slice(body).map_err(|e| JsonError::Invalid(e.to_string()))?;
     let text = value.get();
@@ -29,10 +43,41 @@ pub(crate) fn messages(body: &[u8], allow_empty_array: bool) -> Result<Vec<Bytes
     if elements.is_empty() && !allow_empty_array {
         return Err(JsonError::EmptyArray);
     }
+    if elements.len() > MAX_MESSAGES {
+        return Err(JsonError::TooMany);
+    }
     Ok(elements
         .into_iter()
         .map(|m| Bytes::copy_from_slice(m.get().as_bytes()))
         .collect())
+}
+
+/// How deeply arrays and objects nest in `body`, skipping strings. Meant to
+/// run before parsing, so it does not check that the text is JSON.
+fn depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Joins stored messages into the JSON array a read returns.
@@ -88,6 +133,19 @@ mod tests {
         }
         assert_eq!(messages(b"[]", false), Err(JsonError::EmptyArray));
         assert_eq!(messages(b" [ ] ", true), Ok(vec![]));
+    }
+
+    #[test]
+    fn refuses_deep_nesting_and_huge_batches() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert_eq!(messages(deep.as_bytes(), false), Err(JsonError::TooDeep));
+        let fine = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(messages(fine.as_bytes(), false).is_ok());
+        // Brackets inside strings do not count.
+        let quoted = format!("\"{}\"", "[".repeat(1000));
+        assert!(messages(quoted.as_bytes(), false).is_ok());
+        let many = format!("[{}0]", "0,".repeat(MAX_MESSAGES));
+        assert_eq!(messages(many.as_bytes(), false), Err(JsonError::TooMany));
     }
 
     #[test]

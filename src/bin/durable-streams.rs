@@ -149,8 +149,11 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client gets 30 seconds to send its request head, and h2 connections
     // are pinged so dead peers are noticed.
+    // Clients that half-close after sending (`printf ... | nc`) still get
+    // their response.
     builder
         .http1()
+        .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     builder

@@ -21,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -44,6 +44,8 @@ use crate::{BoxError, BoxFuture};
 
 /// The default largest request body: 16 MiB.
 pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
+/// The default longest wait for the next part of a request body: 30 seconds.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default most bytes one catch-up read returns: 1 MiB.
 pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
 
@@ -84,6 +86,7 @@ struct Config {
     prefix: String,
     max_body_size: usize,
     max_read_bytes: usize,
+    body_timeout: Duration,
     cors: bool,
 }
 
@@ -96,20 +99,27 @@ impl<S> DurableStreamsService<S> {
                 prefix: String::new(),
                 max_body_size: DEFAULT_MAX_BODY_SIZE,
                 max_read_bytes: DEFAULT_MAX_READ_BYTES,
+                body_timeout: DEFAULT_BODY_TIMEOUT,
                 cors: true,
             }),
         }
     }
 
-    /// The path below which streams live, such as `/v1/stream`. A stream's
-    /// name is the rest of the path; other paths get `404`. The prefix also
+    /// The path below which streams live, such as `/v1/stream` (a missing
+    /// leading slash is added). A stream's name is the rest of the path;
+    /// other paths get `404`. The prefix also
     /// applies to `Stream-Forked-From`.
     ///
     /// Routers that strip their own prefix before calling a nested service
     /// (axum's `nest_service`) need none here. Default is no prefix.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
-        Arc::make_mut(&mut self.config).prefix = prefix.trim_end_matches('/').to_owned();
+        let prefix = prefix.trim_matches('/');
+        Arc::make_mut(&mut self.config).prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("/{prefix}")
+        };
         self
     }
 
@@ -125,6 +135,14 @@ impl<S> DurableStreamsService<S> {
     /// 1 MiB.
     pub fn max_read_bytes(mut self, bytes: usize) -> Self {
         Arc::make_mut(&mut self.config).max_read_bytes = bytes.max(1);
+        self
+    }
+
+    /// How long to wait for the next part of a request body before giving up
+    /// with `408 Request Timeout`, so a client that stalls mid-upload cannot
+    /// hold its buffer forever. Default is 30 seconds.
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.config).body_timeout = timeout;
         self
     }
 
@@ -267,7 +285,7 @@ where
         B::Error: Into<BoxError>,
     {
         let config = request::create_config(&parts.headers, &self.config.prefix)?;
-        let body = read_body(body, &parts.headers, self.config.max_body_size).await?;
+        let body = read_body(body, &parts.headers, &self.config).await?;
         let create = Create {
             path,
             config,
@@ -302,7 +320,7 @@ where
         let close = h::closed_flag(headers);
         let producer = request::producer(headers)?;
         let stream_seq = request::stream_seq(headers)?;
-        let body = read_body(body, headers, self.config.max_body_size).await?;
+        let body = read_body(body, headers, &self.config).await?;
         // With no body the request can only be a close, and its Content-Type
         // (often a client library's default) is ignored.
         let content_type = if body.is_empty() {
@@ -461,12 +479,19 @@ fn unexpected(response: &StorageResponse) -> Response<Body> {
 
 /// The absolute URL of the stream a request created.
 fn location(parts: &Parts) -> String {
-    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-    });
+    // Only a well-formed authority goes into the URL: a Host header such as
+    // `evil.example/phish?` must not shape it.
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .filter(|h| h.parse::<http::uri::Authority>().is_ok());
     let Some(host) = host else {
         return parts.uri.path().to_owned();
     };
@@ -495,12 +520,26 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// Collects a request body, refusing more than `limit` bytes with `413`.
-async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Refusal>
+///
+/// Compressed bodies are refused with `415`: offsets and sub-offsets count
+/// decoded bytes, and the server does not decode.
+async fn read_body<B>(body: B, headers: &HeaderMap, config: &Config) -> Result<Bytes, Refusal>
 where
     B: HttpBody,
     B::Error: Into<BoxError>,
 {
+    let limit = config.max_body_size;
     let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding is not supported",
+        ));
+    }
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -510,7 +549,13 @@ where
     }
     let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = tokio::time::timeout(config.body_timeout, body.frame())
+            .await
+            .map_err(|_| Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body timed out"))?;
+        let Some(frame) = next else {
+            break;
+        };
         let frame = frame.map_err(|e| {
             let e: BoxError = e.into();
             tracing::debug!(error = %e, "request body failed");

@@ -44,9 +44,9 @@ impl From<BadHeader> for Refusal {
 /// The stream a request path names, below the mount `prefix`.
 ///
 /// The key is the path's segments with percent-encoding made canonical:
-/// unreserved characters decoded, every other escape upper-cased and kept.
-/// So `%61` names the same stream as `a`, while `a%2Fb` stays distinct from
-/// `a/b`. `.` and `..` segments (however encoded), empty segments and
+/// unreserved characters decoded, every other escape upper-cased and kept,
+/// and raw bytes outside ASCII encoded. So `%61` names the same stream as `a`,
+/// `é` the same as `%C3%A9`, while `a%2Fb` stays distinct from `a/b`. `.` and `..` segments (however encoded), empty segments and
 /// malformed escapes are refused, and a key never contains a byte that could
 /// step outside a directory.
 pub(crate) fn stream_key(path: &str, prefix: &str) -> Result<String, Refusal> {
@@ -91,8 +91,11 @@ fn canonical_segment(segment: &str) -> Result<String, Refusal> {
                 out.push_str(&text.to_ascii_uppercase());
             }
             i += 3;
-        } else {
+        } else if b.is_ascii() {
             out.push(char::from(b));
+            i += 1;
+        } else {
+            out.push_str(&format!("%{b:02X}"));
             i += 1;
         }
     }
@@ -158,15 +161,22 @@ pub(crate) fn create_config(headers: &HeaderMap, prefix: &str) -> Result<StreamC
                 "Stream-TTL and Stream-Expires-At are mutually exclusive",
             ))
         }
-        (Some(ttl), None) => Expiry::Ttl(
-            h::strict_uint_saturating(ttl)
-                .ok_or_else(|| BadHeader::new(&h::STREAM_TTL, "not a non-negative integer"))?,
-        ),
-        (None, Some(at)) => Expiry::At(
-            OffsetDateTime::parse(at, &Rfc3339)
+        (Some(ttl), None) => match h::strict_uint_saturating(ttl) {
+            None => return Err(BadHeader::new(&h::STREAM_TTL, "not a non-negative integer").into()),
+            // A stream that expires as it is created would acknowledge data
+            // that is gone at once.
+            Some(0) => return Err(BadHeader::new(&h::STREAM_TTL, "must be at least 1").into()),
+            Some(secs) => Expiry::Ttl(secs),
+        },
+        (None, Some(at)) => {
+            let at = OffsetDateTime::parse(at, &Rfc3339)
                 .map(SystemTime::from)
-                .map_err(|_| BadHeader::new(&h::STREAM_EXPIRES_AT, "not an RFC 3339 timestamp"))?,
-        ),
+                .map_err(|_| BadHeader::new(&h::STREAM_EXPIRES_AT, "not an RFC 3339 timestamp"))?;
+            if at <= SystemTime::now() {
+                return Err(BadHeader::new(&h::STREAM_EXPIRES_AT, "in the past").into());
+            }
+            Expiry::At(at)
+        }
         (None, None) => Expiry::Never,
     };
     let forked_from = h::single(headers, &h::STREAM_FORKED_FROM)?;
@@ -179,6 +189,7 @@ pub(crate) fn create_config(headers: &HeaderMap, prefix: &str) -> Result<StreamC
             ))
         }
         None => None,
+        Some("") => return Err(BadHeader::new(&h::STREAM_FORKED_FROM, "empty").into()),
         Some(source) => {
             let source = stream_key(source, prefix).map_err(|r| match r.status {
                 StatusCode::NOT_FOUND => {
@@ -214,10 +225,19 @@ pub(crate) fn create_config(headers: &HeaderMap, prefix: &str) -> Result<StreamC
     })
 }
 
+/// The longest `Content-Type` accepted.
+const MAX_CONTENT_TYPE_LEN: usize = 256;
+/// The longest `Producer-Id` or `Stream-Seq` accepted: both are kept with the
+/// stream for its whole life.
+const MAX_WRITER_ID_LEN: usize = 1024;
+
 /// `Content-Type`, when present.
 pub(crate) fn content_type(headers: &HeaderMap) -> Result<Option<ContentType>, Refusal> {
     h::single(headers, &http::header::CONTENT_TYPE)?
         .map(|v| {
+            if v.len() > MAX_CONTENT_TYPE_LEN {
+                return Err(BadHeader::new(&http::header::CONTENT_TYPE, "too long").into());
+            }
             ContentType::parse(v).ok_or_else(|| {
                 BadHeader::new(&http::header::CONTENT_TYPE, "not a media type").into()
             })
@@ -242,6 +262,9 @@ pub(crate) fn producer(headers: &HeaderMap) -> Result<Option<ProducerClaim>, Ref
     if id.is_empty() {
         return Err(BadHeader::new(&h::PRODUCER_ID, "empty").into());
     }
+    if id.len() > MAX_WRITER_ID_LEN {
+        return Err(BadHeader::new(&h::PRODUCER_ID, "too long").into());
+    }
     let number = |name, text| {
         h::strict_uint(text, MAX_SAFE_INTEGER)
             .ok_or_else(|| BadHeader::new(name, "not an integer from 0 to 2^53-1"))
@@ -257,6 +280,9 @@ pub(crate) fn producer(headers: &HeaderMap) -> Result<Option<ProducerClaim>, Ref
 pub(crate) fn stream_seq(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
     match h::single(headers, &h::STREAM_SEQ)? {
         Some("") => Err(BadHeader::new(&h::STREAM_SEQ, "empty").into()),
+        Some(seq) if seq.len() > MAX_WRITER_ID_LEN => {
+            Err(BadHeader::new(&h::STREAM_SEQ, "too long").into())
+        }
         other => Ok(other.map(str::to_owned)),
     }
 }
@@ -306,6 +332,10 @@ mod tests {
             );
         }
         assert_eq!(stream_key("/x", "").unwrap(), "x");
+        assert_eq!(
+            key("/v1/stream/é").unwrap(),
+            key("/v1/stream/%c3%a9").unwrap()
+        );
     }
 
     #[test]

@@ -204,6 +204,14 @@ pub fn records(
         return json::messages(&body, create).map_err(|e| match e {
             JsonError::Invalid(why) => BadBody(format!("invalid JSON: {why}")),
             JsonError::EmptyArray => BadBody("empty JSON array".into()),
+            JsonError::TooDeep => BadBody(format!(
+                "JSON nested deeper than {} levels",
+                json::MAX_DEPTH
+            )),
+            JsonError::TooMany => BadBody(format!(
+                "more than {} JSON messages in one request",
+                json::MAX_MESSAGES
+            )),
         });
     }
     Ok(if body.is_empty() {
