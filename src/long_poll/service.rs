@@ -117,7 +117,9 @@ fn no_content<A, B>(at_tail: &Response<A>, echoed: Option<&str>) -> Response<Res
     let headers = response.headers_mut();
     for (name, value) in at_tail.headers() {
         let n = name.as_str();
-        let body_header = n.starts_with("content-") || n == "etag";
+        // Headers about the read's body, or its cacheability, are not the
+        // 204's.
+        let body_header = n.starts_with("content-") || n == "etag" || n == "cache-control";
         if !body_header && n != h::STREAM_CURSOR.as_str() {
             headers.append(name.clone(), value.clone());
         }
