@@ -3,7 +3,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::offset::Offset;
-use crate::stream::Expiry;
+use crate::stream::{Expiry, ForkPoint};
 
 /// Why a frame could not be read.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,6 +25,31 @@ pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
 pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     put_u32(out, s.len() as u32);
     out.extend_from_slice(s.as_bytes());
+}
+
+/// `0`, or `1` and the string.
+pub(crate) fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+    }
+}
+
+/// `0`, or `1` and the fork point with its source's id.
+pub(crate) fn put_fork(out: &mut Vec<u8>, fork: Option<&(ForkPoint, u64)>) {
+    match fork {
+        None => out.push(0),
+        Some((point, source_id)) => {
+            out.push(1);
+            put_u64(out, *source_id);
+            put_str(out, &point.source);
+            put_offset(out, point.anchor);
+            put_u64(out, point.sub_offset);
+        }
+    }
 }
 
 pub(crate) fn put_offset(out: &mut Vec<u8>, offset: Offset) {
@@ -126,5 +151,29 @@ impl Reader<'_> {
             }
             _ => return Err(Corrupt::Malformed),
         })
+    }
+
+    pub(crate) fn opt_string(&mut self) -> Result<Option<String>, Corrupt> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            _ => Err(Corrupt::Malformed),
+        }
+    }
+
+    pub(crate) fn fork(&mut self) -> Result<Option<(ForkPoint, u64)>, Corrupt> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => {
+                let source_id = self.u64()?;
+                let point = ForkPoint {
+                    source: self.string()?,
+                    anchor: self.offset()?,
+                    sub_offset: self.u64()?,
+                };
+                Ok(Some((point, source_id)))
+            }
+            _ => Err(Corrupt::Malformed),
+        }
     }
 }

@@ -22,10 +22,12 @@
 //! runs no rules. A frame that is cut short or fails its checksum ends the
 //! log.
 
-use super::codec::{put_expiry, put_offset, put_str, put_u32, put_u64, Corrupt, Reader};
+use super::codec::{
+    put_expiry, put_fork, put_offset, put_opt_str, put_str, put_u32, put_u64, Corrupt, Reader,
+};
 use crate::producer::ProducerState;
 use crate::storage::index::{NewStream, Op};
-use crate::stream::{ContentType, ForkPoint};
+use crate::stream::ContentType;
 use std::ops::Range;
 
 /// Bytes before a frame's body: its length and checksum.
@@ -51,16 +53,7 @@ pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) -> Vec<Range<usize>> {
             put_str(out, new.content_type.as_str());
             put_expiry(out, new.expiry);
             out.push(u8::from(new.closed));
-            match &new.fork {
-                None => out.push(0),
-                Some((point, source_id)) => {
-                    out.push(1);
-                    put_u64(out, *source_id);
-                    put_str(out, &point.source);
-                    put_offset(out, point.anchor);
-                    put_u64(out, point.sub_offset);
-                }
-            }
+            put_fork(out, new.fork.as_ref());
             put_offset(out, new.base);
         }
         Op::Append {
@@ -81,13 +74,7 @@ pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) -> Vec<Range<usize>> {
                     put_u64(out, state.last_seq);
                 }
             }
-            match stream_seq {
-                None => out.push(0),
-                Some(seq) => {
-                    out.push(1);
-                    put_str(out, seq);
-                }
-            }
+            put_opt_str(out, stream_seq.as_deref());
             out.push(u8::from(*close));
         }
         Op::Delete { id } => {
@@ -134,24 +121,7 @@ pub(crate) fn decode(body: &[u8], crc: u32) -> Result<(Op, Vec<Range<usize>>), C
             let content_type = ContentType::parse(&r.string()?).ok_or(Corrupt::Malformed)?;
             let expiry = r.expiry()?;
             let closed = r.flag()?;
-            let fork = match r.u8()? {
-                0 => None,
-                1 => {
-                    let source_id = r.u64()?;
-                    let source = r.string()?;
-                    let anchor = r.offset()?;
-                    let sub_offset = r.u64()?;
-                    Some((
-                        ForkPoint {
-                            source,
-                            anchor,
-                            sub_offset,
-                        },
-                        source_id,
-                    ))
-                }
-                _ => return Err(Corrupt::Malformed),
-            };
+            let fork = r.fork()?;
             let base = r.offset()?;
             Op::Create(NewStream {
                 id,
@@ -176,11 +146,7 @@ pub(crate) fn decode(body: &[u8], crc: u32) -> Result<(Op, Vec<Range<usize>>), C
                 }
                 _ => return Err(Corrupt::Malformed),
             };
-            let stream_seq = match r.u8()? {
-                0 => None,
-                1 => Some(r.string()?),
-                _ => return Err(Corrupt::Malformed),
-            };
+            let stream_seq = r.opt_string()?;
             let close = r.flag()?;
             Op::Append {
                 id,
@@ -215,7 +181,7 @@ mod tests {
 
     use super::*;
     use crate::offset::Offset;
-    use crate::stream::Expiry;
+    use crate::stream::{Expiry, ForkPoint};
 
     fn round_trip(op: &Op) -> (Op, Vec<u8>, Vec<Range<usize>>) {
         let mut out = Vec::new();

@@ -20,12 +20,14 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
-use super::codec::{put_expiry, put_offset, put_str, put_u32, put_u64, Corrupt, Reader};
+use super::codec::{
+    put_expiry, put_fork, put_offset, put_opt_str, put_str, put_u32, put_u64, Corrupt, Reader,
+};
 use super::log::sync_dir;
 use crate::producer::ProducerState;
 use crate::storage::index::{Location, Saved};
 use crate::storage::rules::WriterState;
-use crate::stream::{ContentType, ForkPoint};
+use crate::stream::ContentType;
 
 const MAGIC: &[u8; 8] = b"DSSNAP01";
 const FILE: &str = "snapshot.bin";
@@ -54,29 +56,14 @@ pub(crate) fn encode(snapshot: &Snapshot) -> Vec<u8> {
         put_str(&mut out, stream.content_type.as_str());
         put_expiry(&mut out, stream.expiry);
         out.push(u8::from(stream.writer.closed));
-        match &stream.writer.stream_seq {
-            None => out.push(0),
-            Some(seq) => {
-                out.push(1);
-                put_str(&mut out, seq);
-            }
-        }
+        put_opt_str(&mut out, stream.writer.stream_seq.as_deref());
         put_u32(&mut out, stream.writer.producers.len() as u32);
         for (id, state) in &stream.writer.producers {
             put_str(&mut out, id);
             put_u64(&mut out, state.epoch);
             put_u64(&mut out, state.last_seq);
         }
-        match &stream.fork {
-            None => out.push(0),
-            Some((point, source_id)) => {
-                out.push(1);
-                put_u64(&mut out, *source_id);
-                put_str(&mut out, &point.source);
-                put_offset(&mut out, point.anchor);
-                put_u64(&mut out, point.sub_offset);
-            }
-        }
+        put_fork(&mut out, stream.fork.as_ref());
         put_offset(&mut out, stream.base);
         out.push(u8::from(stream.deleted));
         put_u64(&mut out, stream.chunks.len() as u64);
@@ -115,11 +102,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
             closed: r.flag()?,
             ..WriterState::default()
         };
-        writer.stream_seq = match r.u8()? {
-            0 => None,
-            1 => Some(r.string()?),
-            _ => return Err(Corrupt::Malformed),
-        };
+        writer.stream_seq = r.opt_string()?;
         for _ in 0..r.u32()? {
             let producer = r.string()?;
             let epoch = r.u64()?;
@@ -128,24 +111,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
                 .producers
                 .insert(producer, ProducerState { epoch, last_seq });
         }
-        let fork = match r.u8()? {
-            0 => None,
-            1 => {
-                let source_id = r.u64()?;
-                let source = r.string()?;
-                let anchor = r.offset()?;
-                let sub_offset = r.u64()?;
-                Some((
-                    ForkPoint {
-                        source,
-                        anchor,
-                        sub_offset,
-                    },
-                    source_id,
-                ))
-            }
-            _ => return Err(Corrupt::Malformed),
-        };
+        let fork = r.fork()?;
         let base = r.offset()?;
         let deleted = r.flag()?;
         let chunk_count = r.u64()?;
@@ -217,7 +183,7 @@ mod tests {
 
     use super::*;
     use crate::offset::Offset;
-    use crate::stream::Expiry;
+    use crate::stream::{Expiry, ForkPoint};
 
     #[test]
     fn round_trips_and_detects_damage() {
