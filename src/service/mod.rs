@@ -83,7 +83,11 @@ pub struct DurableStreamsService<S> {
 
 #[derive(Debug, Clone)]
 struct Config {
+    /// Stripped from request paths.
     prefix: String,
+    /// Where streams are as clients address them: in `Stream-Forked-From`
+    /// and `Location`.
+    public_prefix: String,
     max_body_size: usize,
     max_read_bytes: usize,
     body_timeout: Duration,
@@ -97,6 +101,7 @@ impl<S> DurableStreamsService<S> {
             storage,
             config: Arc::new(Config {
                 prefix: String::new(),
+                public_prefix: String::new(),
                 max_body_size: DEFAULT_MAX_BODY_SIZE,
                 max_read_bytes: DEFAULT_MAX_READ_BYTES,
                 body_timeout: DEFAULT_BODY_TIMEOUT,
@@ -106,20 +111,34 @@ impl<S> DurableStreamsService<S> {
     }
 
     /// The path below which streams live, such as `/v1/stream` (a missing
-    /// leading slash is added). A stream's name is the rest of the path;
-    /// other paths get `404`. The prefix also
-    /// applies to `Stream-Forked-From`.
+    /// leading slash is added). A stream's name is the rest of the request
+    /// path; other paths get `404`. `Stream-Forked-From` names sources by
+    /// the same full path. Default is no prefix.
     ///
-    /// Routers that strip their own prefix before calling a nested service
-    /// (axum's `nest_service`) need none here. Default is no prefix.
+    /// For a router that strips its prefix before calling the service
+    /// (axum's `nest_service`), use [`mounted_at`](Self::mounted_at) instead.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        let prefix = prefix.trim_matches('/');
-        Arc::make_mut(&mut self.config).prefix = if prefix.is_empty() {
-            String::new()
-        } else {
-            format!("/{prefix}")
-        };
+        let prefix = normalize_prefix(&prefix.into());
+        let config = Arc::make_mut(&mut self.config);
+        config.prefix = prefix.clone();
+        config.public_prefix = prefix;
+        self
+    }
+
+    /// The path a router has mounted the service at, when the router strips
+    /// it before the service sees the request (axum's `nest_service`). The
+    /// request path is then the stream's name as is, while
+    /// `Stream-Forked-From` and `Location` use the full public path:
+    ///
+    /// ```
+    /// # use tower_durable_streams::{DurableStreamsService, MemoryStorage};
+    /// // axum::Router::new().nest_service("/streams", service)
+    /// let service = DurableStreamsService::new(MemoryStorage::new()).mounted_at("/streams");
+    /// ```
+    pub fn mounted_at(mut self, path: impl Into<String>) -> Self {
+        let config = Arc::make_mut(&mut self.config);
+        config.prefix = String::new();
+        config.public_prefix = normalize_prefix(&path.into());
         self
     }
 
@@ -284,8 +303,9 @@ where
         B: HttpBody + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let config = request::create_config(&parts.headers, &self.config.prefix)?;
+        let config = request::create_config(&parts.headers, &self.config.public_prefix)?;
         let body = read_body(body, &parts.headers, &self.config).await?;
+        let location_path = format!("{}/{}", self.config.public_prefix, path);
         let create = Create {
             path,
             config,
@@ -306,7 +326,7 @@ where
         let headers = response.headers_mut();
         resp::describe(headers, &info);
         if created {
-            resp::insert(headers, header::LOCATION, location(&parts));
+            resp::insert(headers, header::LOCATION, location(&parts, &location_path));
         }
         Ok(response)
     }
@@ -478,7 +498,7 @@ fn unexpected(response: &StorageResponse) -> Response<Body> {
 }
 
 /// The absolute URL of the stream a request created.
-fn location(parts: &Parts) -> String {
+fn location(parts: &Parts, path: &str) -> String {
     // Only a well-formed authority goes into the URL: a Host header such as
     // `evil.example/phish?` must not shape it.
     let host = parts
@@ -493,7 +513,7 @@ fn location(parts: &Parts) -> String {
         })
         .filter(|h| h.parse::<http::uri::Authority>().is_ok());
     let Some(host) = host else {
-        return parts.uri.path().to_owned();
+        return path.to_owned();
     };
     let scheme = parts
         .uri
@@ -506,7 +526,17 @@ fn location(parts: &Parts) -> String {
                 .filter(|p| *p == "https" || *p == "http")
         })
         .unwrap_or("http");
-    format!("{scheme}://{host}{}", parts.uri.path())
+    format!("{scheme}://{host}{path}")
+}
+
+/// `/a/b` for `a/b/`, `/a/b` or `a/b`; empty for `/` or nothing.
+fn normalize_prefix(prefix: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("/{prefix}")
+    }
 }
 
 fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
