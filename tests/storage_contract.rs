@@ -1,10 +1,16 @@
 //! The storage contract, checked through the `Service` interface alone.
 //!
 //! Every check in [`checks`] runs against each backend that [`contract!`]
-//! names: `MemoryStorage` as it is, and `MemoryStorage` behind tower
+//! names: `MemoryStorage` as it is, `MemoryStorage` behind tower
 //! middleware (a timeout, a concurrency limit and a call counter), which must
-//! neither change an answer nor lose a call. The layered backend is also
-//! handed to `DurableStreamsService` to show that the stack composes.
+//! neither change an answer nor lose a call, and the backend written outside
+//! the crate in `examples/recording_storage.rs`, which must record every
+//! call. The layered backend is also handed to `DurableStreamsService` to
+//! show that the stack composes.
+
+#[allow(dead_code)]
+#[path = "../examples/recording_storage.rs"]
+mod recording_storage;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,8 +45,9 @@ struct Store {
     backend: BoxCloneService<StorageRequest, StorageResponse, BoxError>,
     /// Requests this test sent.
     sent: Arc<AtomicUsize>,
-    /// Requests a counting middleware saw, when there is one.
-    seen: Option<Arc<AtomicUsize>>,
+    /// How many requests a counting or recording backend saw, when it is
+    /// one.
+    seen: Option<Arc<dyn Fn() -> usize + Send + Sync>>,
     /// The data directory of a file backend, removed after the test.
     #[cfg_attr(not(feature = "file"), allow(dead_code))]
     _dir: Option<Arc<tempfile::TempDir>>,
@@ -143,7 +150,7 @@ impl Store {
         if let Some(seen) = &self.seen {
             let sent = self.sent.load(Ordering::SeqCst);
             assert!(sent > 0);
-            assert_eq!(seen.load(Ordering::SeqCst), sent);
+            assert_eq!(seen(), sent);
         }
     }
 }
@@ -348,8 +355,23 @@ fn file() -> Store {
 fn layered() -> Store {
     let (service, calls) = layered_memory();
     Store {
-        seen: Some(calls),
+        seen: Some(Arc::new(move || calls.load(Ordering::SeqCst))),
         ..store(service)
+    }
+}
+
+/// The example's backend, which must record every request, each answered.
+fn recording() -> Store {
+    let storage = recording_storage::RecordingStorage::new();
+    let record = storage.clone();
+    let recorded = move || {
+        let operations = record.operations();
+        assert!(operations.iter().all(|op| op.outcome.is_some()));
+        operations.len()
+    };
+    Store {
+        seen: Some(Arc::new(recorded)),
+        ..store(storage)
     }
 }
 
@@ -405,6 +427,7 @@ contract!(memory);
 #[cfg(feature = "file")]
 contract!(file);
 contract!(layered);
+contract!(recording);
 
 // ---------------------------------------------------------------------------
 // The contract
@@ -1606,4 +1629,57 @@ async fn layered_storage_serves_http() {
 
     // create, read at tail, append, re-read, read, read, close, append.
     assert_eq!(calls.load(Ordering::SeqCst), 8);
+}
+
+// ---------------------------------------------------------------------------
+// The example's backend behind the HTTP service
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn recording_storage_serves_http_and_records_each_operation() {
+    use http::{Request, StatusCode};
+    use recording_storage::{Operation, RecordingStorage};
+    use tower_durable_streams::DurableStreamsService;
+
+    let storage = RecordingStorage::new();
+    let service = DurableStreamsService::new(storage.clone()).prefix("/v1/stream");
+    let send = |request: Request<String>| service.clone().oneshot(request);
+    let text = |request: http::request::Builder, body: &str| {
+        request
+            .header("content-type", "text/plain")
+            .body(body.to_owned())
+            .unwrap()
+    };
+
+    let put = send(text(Request::put("/v1/stream/a/b"), "x"))
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let post = send(text(Request::post("/v1/stream/a/b"), "y"))
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::NO_CONTENT);
+    let read = Request::get("/v1/stream/a/b?offset=-1").body(String::new());
+    assert_eq!(send(read.unwrap()).await.unwrap().status(), StatusCode::OK);
+    let missing = Request::head("/v1/stream/nope").body(String::new());
+    assert_eq!(
+        send(missing.unwrap()).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // Keyed by the path below the prefix, each with its outcome.
+    let op = |kind, path: &str, outcome: &str| Operation {
+        kind,
+        path: path.to_owned(),
+        outcome: Some(outcome.to_owned()),
+    };
+    assert_eq!(
+        storage.operations(),
+        [
+            op("create", "a/b", "ok"),
+            op("append", "a/b", "ok"),
+            op("read", "a/b", "ok"),
+            op("head", "nope", "NotFound"),
+        ]
+    );
 }

@@ -24,6 +24,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty body, so that middleware that answers on its own (tower-http's
+/// `TimeoutLayer`) can wrap the stack.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl<B: Body> Body for ResponseBody<B> {
     type Data = B::Data;
     type Error = B::Error;

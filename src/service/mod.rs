@@ -588,6 +588,11 @@ where
         };
         let frame = frame.map_err(|e| {
             let e: BoxError = e.into();
+            // A length limit outside the service (tower-http's
+            // `RequestBodyLimitLayer`) ends the body with this error.
+            if caused_by::<http_body_util::LengthLimitError>(&*e) {
+                return too_large();
+            }
             tracing::debug!(error = %e, "request body failed");
             Refusal::bad_request("could not read the request body")
         })?;
@@ -605,4 +610,9 @@ where
         }
     }
     Ok(collected.freeze())
+}
+
+/// Whether `error`, or any error that caused it, is an `E`.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<E>())
 }

@@ -106,6 +106,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// The inner body's default, so that middleware that answers on its own
+/// (tower-http's `TimeoutLayer`) can wrap the stack.
+impl<B: Default> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::inner(B::default())
+    }
+}
+
 impl<B> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
