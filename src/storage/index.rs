@@ -46,6 +46,10 @@ pub(crate) struct Location {
     pub(crate) segment: u64,
     pub(crate) pos: u64,
     pub(crate) len: u32,
+    /// CRC-32C of the record's bytes, checked on every read: a frame's own
+    /// checksum is checked only when it is replayed, and frames before a
+    /// snapshot are not.
+    pub(crate) crc: u32,
 }
 
 /// A decided change to the index: what gets logged and replayed.

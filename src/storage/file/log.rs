@@ -105,6 +105,15 @@ impl Shared {
                 Chunk::Disk(at) => {
                     let mut buf = vec![0; at.len as usize];
                     self.reader(at.segment)?.read_exact_at(&mut buf, at.pos)?;
+                    if crc32c::crc32c(&buf) != at.crc {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "record at {} in segment {} fails its checksum",
+                                at.pos, at.segment
+                            ),
+                        ));
+                    }
                     out.push(Bytes::from(buf));
                 }
             }
@@ -259,6 +268,7 @@ impl Log for FileLog {
                     segment,
                     pos: pos + range.start as u64,
                     len: range.len() as u32,
+                    crc: crc32c::crc32c(&frame[range]),
                 })
             })
             .collect();

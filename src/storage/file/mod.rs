@@ -431,6 +431,7 @@ fn replay(
                     segment,
                     pos: (pos + range.start) as u64,
                     len: range.len() as u32,
+                    crc: crc32c::crc32c(&data[pos + range.start..pos + range.end]),
                 })
             })
             .collect();

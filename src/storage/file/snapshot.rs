@@ -2,13 +2,13 @@
 //! and old segments can be deleted.
 //!
 //! ```text
-//! file    := "DSSNAP01" body crc:u32        crc is CRC-32C of body
+//! file    := "DSSNAP02" body crc:u32        crc is CRC-32C of body
 //! body    := segment:u64 pos:u64 next_id:u64 count:u32 stream*
 //! stream  := id:u64 path:str content_type:str expiry writer fork base:offset
 //!            deleted:u8 chunks
 //! writer  := closed:u8 seq producers
 //! producers := count:u32 (id:str epoch:u64 last_seq:u64)*
-//! chunks  := count:u64 (segment:u64 pos:u64 len:u32)*
+//! chunks  := count:u64 (segment:u64 pos:u64 len:u32 crc:u32)*
 //! ```
 //!
 //! `segment` and `pos` say where replay continues: every frame before that
@@ -29,7 +29,7 @@ use crate::storage::index::{Location, Saved};
 use crate::storage::rules::WriterState;
 use crate::stream::ContentType;
 
-const MAGIC: &[u8; 8] = b"DSSNAP01";
+const MAGIC: &[u8; 8] = b"DSSNAP02";
 const FILE: &str = "snapshot.bin";
 const TEMP: &str = "snapshot.tmp";
 
@@ -71,6 +71,7 @@ pub(crate) fn encode(snapshot: &Snapshot) -> Vec<u8> {
             put_u64(&mut out, chunk.segment);
             put_u64(&mut out, chunk.pos);
             put_u32(&mut out, chunk.len);
+            put_u32(&mut out, chunk.crc);
         }
     }
     let crc = crc32c::crc32c(&out[MAGIC.len()..]);
@@ -121,6 +122,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
                 segment: r.u64()?,
                 pos: r.u64()?,
                 len: r.u32()?,
+                crc: r.u32()?,
             });
         }
         streams.push(Saved {
@@ -220,6 +222,7 @@ mod tests {
                     segment: 1,
                     pos: 40,
                     len: 5,
+                    crc: 7,
                 }],
                 deleted: false,
             }],
