@@ -36,8 +36,6 @@ pub enum AppendPlan {
     Write {
         /// The records to append.
         records: Vec<Bytes>,
-        /// The tail after the records.
-        new_tail: Offset,
         /// The producer's new state.
         producer: Option<(String, ProducerState)>,
         /// The new `Stream-Seq`.
@@ -136,14 +134,15 @@ pub fn plan_append(
         }
     }
 
-    let new_tail = records
+    // The new tail itself is the backend's to compute as it stores the
+    // records; here it only must not outgrow what an offset can name.
+    records
         .iter()
         .try_fold(tail, |at, record| at.after_record(record.len()))
         .ok_or_else(|| StreamError::new(StreamErrorKind::Full, "stream is full"))?;
 
     Ok(AppendPlan::Write {
         records,
-        new_tail,
         producer,
         stream_seq: append.stream_seq,
         close: append.close,
