@@ -1191,3 +1191,72 @@ async fn damage_before_the_snapshot_is_refused_not_served() {
     let head = s.head("s").await.unwrap();
     assert_eq!(head.tail.index(), 40);
 }
+
+impl Store {
+    async fn set_meta(&self, key: &str, value: Option<&'static str>) {
+        let request = StorageRequest::SetMeta {
+            key: key.into(),
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+        };
+        let answer = self.call(request).await.unwrap();
+        assert!(matches!(answer, StorageResponse::MetaSet), "{answer:?}");
+    }
+
+    async fn meta(&self) -> Vec<(String, String)> {
+        let request = StorageRequest::ListMeta {
+            prefix: String::new(),
+        };
+        match self.call(request).await.unwrap() {
+            StorageResponse::Meta(entries) => entries
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8(v.to_vec()).unwrap()))
+                .collect(),
+            other => panic!("list meta answered {other:?}"),
+        }
+    }
+}
+
+/// Metadata (where subscriptions keep their state and signing key) comes
+/// back after a restart, whether replayed from the log or loaded from a
+/// snapshot, with removals and replacements applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_survives_reopen_from_the_log_and_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.set_meta("a", Some("1")).await;
+    s.set_meta("b", Some("2")).await;
+    s.set_meta("a", Some("one")).await;
+    s.set_meta("b", None).await;
+    drop(s);
+    let expected = vec![("a".to_owned(), "one".to_owned())];
+    let s = open(dir.path());
+    assert_eq!(s.meta().await, expected, "replayed from the log");
+
+    drop(s);
+    let s = open_fast(dir.path(), 16 * 1024);
+    s.set_meta("c", Some("3")).await;
+    s.create_new(put("s")).await;
+    for _ in 0..20 {
+        s.push("s", &"x".repeat(2048)).await;
+    }
+    let snapshot = dir.path().join("snapshot.bin");
+    let start = std::time::Instant::now();
+    while !snapshot.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no snapshot was written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.set_meta("d", Some("after the snapshot")).await;
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(
+        s.meta().await,
+        [
+            ("a".to_owned(), "one".to_owned()),
+            ("c".to_owned(), "3".to_owned()),
+            ("d".to_owned(), "after the snapshot".to_owned()),
+        ]
+    );
+}

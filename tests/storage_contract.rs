@@ -407,6 +407,8 @@ macro_rules! contract {
             a_wait_made_before_an_append_is_not_missed,
             a_fork_waits_only_for_its_own_appends,
             no_wait_unless_asked_open_and_at_the_tail,
+            metadata_is_set_replaced_removed_and_listed_by_prefix,
+            listing_shows_live_streams_with_their_tails,
         );
     };
     (@each $backend:ident: $($check:ident),* $(,)?) => {
@@ -1513,6 +1515,78 @@ mod checks {
         assert!(closed.records.is_empty());
         assert!(closed.info.closed);
         assert!(closed.wait.is_none());
+    }
+
+    async fn meta(s: &Store, prefix: &str) -> Vec<(String, Bytes)> {
+        let request = StorageRequest::ListMeta {
+            prefix: prefix.into(),
+        };
+        match s.call(request).await.unwrap() {
+            StorageResponse::Meta(entries) => entries,
+            other => panic!("list meta answered {other:?}"),
+        }
+    }
+
+    async fn set_meta(s: &Store, key: &str, value: Option<&'static str>) {
+        let request = StorageRequest::SetMeta {
+            key: key.into(),
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+        };
+        let answer = s.call(request).await.unwrap();
+        assert!(matches!(answer, StorageResponse::MetaSet), "{answer:?}");
+    }
+
+    pub async fn metadata_is_set_replaced_removed_and_listed_by_prefix(s: Store) {
+        assert!(meta(&s, "").await.is_empty());
+        set_meta(&s, "subs/b", Some("2")).await;
+        set_meta(&s, "subs/a", Some("1")).await;
+        set_meta(&s, "key", Some("k")).await;
+        set_meta(&s, "subs/a", Some("one")).await;
+        let entry = |k: &str, v: &'static str| (k.to_owned(), Bytes::from_static(v.as_bytes()));
+        assert_eq!(
+            meta(&s, "subs/").await,
+            [entry("subs/a", "one"), entry("subs/b", "2")]
+        );
+        set_meta(&s, "subs/b", None).await;
+        set_meta(&s, "absent", None).await;
+        assert_eq!(
+            meta(&s, "").await,
+            [entry("key", "k"), entry("subs/a", "one")]
+        );
+        // Metadata is not a stream.
+        assert_eq!(s.head("key").await.unwrap_err(), StreamErrorKind::NotFound);
+    }
+
+    pub async fn listing_shows_live_streams_with_their_tails(s: Store) {
+        let list = |prefix: &str| {
+            let s = s.clone();
+            let prefix = prefix.to_owned();
+            async move {
+                match s.call(StorageRequest::List { prefix }).await.unwrap() {
+                    StorageResponse::Streams(listed) => listed
+                        .into_iter()
+                        .map(|l| (l.path, l.tail))
+                        .collect::<Vec<_>>(),
+                    other => panic!("list answered {other:?}"),
+                }
+            }
+        };
+        let b = s.create_new(put_with("e/b", "bb")).await.tail;
+        s.create_new(put("e/a")).await;
+        let a = s.push("e/a", "a").await;
+        let other = s.create_new(put("other")).await.tail;
+        s.create_new(put("e/gone")).await;
+        s.delete("e/gone").await.unwrap();
+        // A soft-deleted source is not listed either.
+        s.create_new(put("e/src")).await;
+        s.create_new(fork("fork", "e/src", None, 0)).await;
+        s.delete("e/src").await.unwrap();
+        assert_eq!(
+            list("e/").await,
+            [("e/a".to_owned(), a), ("e/b".to_owned(), b)]
+        );
+        assert_eq!(list("").await.len(), 4);
+        assert!(list("").await.contains(&("other".to_owned(), other)));
     }
 }
 

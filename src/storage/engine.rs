@@ -106,6 +106,16 @@ impl<L: Log> Engine<L> {
                 index.head(&path).map(StorageResponse::Head)
             }
             StorageRequest::Delete { path } => self.delete(&path).await,
+            StorageRequest::List { prefix } => {
+                let index = self.lock();
+                Ok(StorageResponse::Streams(
+                    index.list(&prefix, SystemTime::now()),
+                ))
+            }
+            StorageRequest::SetMeta { key, value } => self.set_meta(key, value).await,
+            StorageRequest::ListMeta { prefix } => {
+                Ok(StorageResponse::Meta(self.lock().meta(&prefix)))
+            }
         }
     }
 
@@ -118,14 +128,15 @@ impl<L: Log> Engine<L> {
         Ok(())
     }
 
-    /// Records and applies `op`; returns the stream it touched.
+    /// Records and applies `op`; returns the stream it touched (zero for
+    /// metadata).
     fn change(&self, index: &mut Index, op: Op, now: SystemTime) -> Result<u64, StreamError> {
-        let id = match &op {
-            Op::Create(new) => new.id,
-            Op::Append { id, .. } | Op::Delete { id } => *id,
-        };
+        let id = op.stream();
         let chunks = self.log.record(&op)?;
         index.apply(op, chunks, now);
+        let Some(id) = id else {
+            return Ok(0);
+        };
         if L::IMMEDIATE {
             if let Some(info) = index.info(id) {
                 index.publish(id, info.tail, info.closed);
@@ -221,6 +232,20 @@ impl<L: Log> Engine<L> {
             records,
             wait: located.wait,
         })
+    }
+
+    async fn set_meta(
+        &self,
+        key: String,
+        value: Option<bytes::Bytes>,
+    ) -> Result<StorageResponse, StreamError> {
+        let ticket = {
+            let mut index = self.lock();
+            self.change(&mut index, Op::Meta { key, value }, SystemTime::now())?;
+            self.log.ticket()
+        };
+        self.settle(ticket).await?;
+        Ok(StorageResponse::MetaSet)
     }
 
     async fn delete(&self, path: &str) -> Result<StorageResponse, StreamError> {

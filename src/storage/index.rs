@@ -9,14 +9,14 @@
 //! ([`Index::publish`]), which wakes the stream's waiters. Replaying a log
 //! after a restart is the same `apply` and `publish`, with no rules to run.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::rules::{self, AppendPlan, Existing, SourceView, WriterState};
-use super::{Append, AppendOutcome, Create, StreamError, StreamErrorKind, StreamInfo};
+use super::{Append, AppendOutcome, Create, Listed, StreamError, StreamErrorKind, StreamInfo};
 use crate::live::TailWait;
 use crate::offset::{Offset, ReadFrom};
 use crate::producer::ProducerState;
@@ -67,6 +67,11 @@ pub(crate) enum Op {
     Delete {
         id: u64,
     },
+    /// Sets or removes a metadata entry.
+    Meta {
+        key: String,
+        value: Option<Bytes>,
+    },
 }
 
 impl Op {
@@ -75,7 +80,16 @@ impl Op {
         match self {
             Op::Create(new) => &new.records,
             Op::Append { records, .. } => records,
-            Op::Delete { .. } => &[],
+            Op::Delete { .. } | Op::Meta { .. } => &[],
+        }
+    }
+
+    /// The stream the operation changes, if any.
+    pub(crate) fn stream(&self) -> Option<u64> {
+        match self {
+            Op::Create(new) => Some(new.id),
+            Op::Append { id, .. } | Op::Delete { id } => Some(*id),
+            Op::Meta { .. } => None,
         }
     }
 }
@@ -247,6 +261,8 @@ pub(crate) struct Index {
     /// Changes to publish once the log is durable past their ticket, in
     /// ticket order: `(ticket, stream, tail, closed)`.
     publications: VecDeque<(u64, u64, Offset, bool)>,
+    /// Metadata entries, by key.
+    meta: BTreeMap<String, Bytes>,
 }
 
 impl Index {
@@ -492,6 +508,14 @@ impl Index {
                 push(entry, chunks);
                 entry.touched = entry.touched.max(now);
             }
+            Op::Meta { key, value } => match value {
+                Some(value) => {
+                    self.meta.insert(key, value);
+                }
+                None => {
+                    self.meta.remove(&key);
+                }
+            },
             Op::Delete { id } => {
                 let Some(entry) = self.streams.get_mut(&id) else {
                     return;
@@ -740,6 +764,41 @@ impl Index {
                 Chunk::Mem(_) => None,
             })
             .collect()
+    }
+
+    /// Every metadata entry whose key starts with `prefix`, in key order.
+    pub(crate) fn meta(&self, prefix: &str) -> Vec<(String, Bytes)> {
+        self.meta
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
+
+    /// Restores metadata entries, from a snapshot.
+    pub(crate) fn import_meta(&mut self, entries: Vec<(String, Bytes)>) {
+        self.meta.extend(entries);
+    }
+
+    /// Every live, unexpired stream whose path starts with `prefix`, with
+    /// its tail as readers see it, in path order.
+    pub(crate) fn list(&self, prefix: &str, now: SystemTime) -> Vec<Listed> {
+        let mut listed: Vec<Listed> = self
+            .paths
+            .iter()
+            .filter(|(path, _)| path.starts_with(prefix))
+            .filter_map(|(path, id)| {
+                let entry = self.streams.get(id)?;
+                let live =
+                    entry.durable && !entry.deleted && !entry.expiry.is_expired(entry.touched, now);
+                live.then(|| Listed {
+                    path: path.clone(),
+                    tail: entry.durable_tail,
+                })
+            })
+            .collect();
+        listed.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        listed
     }
 
     /// The paths of streams that have expired by `now` and are not yet

@@ -56,6 +56,25 @@ pub enum StorageRequest {
         /// The stream's path.
         path: String,
     },
+    /// Every live stream whose path starts with `prefix`, with its tail.
+    List {
+        /// The path prefix; empty for every stream.
+        prefix: String,
+    },
+    /// Store (or, with `None`, remove) one entry of the backend's metadata:
+    /// small values the service keeps beside the streams, such as
+    /// subscription state. Durable like an append once answered.
+    SetMeta {
+        /// The entry's key.
+        key: String,
+        /// Its new value, or `None` to remove it.
+        value: Option<Bytes>,
+    },
+    /// Every metadata entry whose key starts with `prefix`, in key order.
+    ListMeta {
+        /// The key prefix; empty for every entry.
+        prefix: String,
+    },
 }
 
 /// A backend's answer to a [`StorageRequest`], one variant per request kind.
@@ -77,6 +96,22 @@ pub enum StorageResponse {
     Head(StreamInfo),
     /// The stream was deleted.
     Deleted,
+    /// The streams a [`StorageRequest::List`] asked for, in path order.
+    Streams(Vec<Listed>),
+    /// A metadata entry was stored or removed.
+    MetaSet,
+    /// The metadata entries a [`StorageRequest::ListMeta`] asked for, as
+    /// `(key, value)` pairs in key order.
+    Meta(Vec<(String, Bytes)>),
+}
+
+/// One stream in a [`StorageResponse::Streams`] listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The stream's path.
+    pub path: String,
+    /// The offset after its last record.
+    pub tail: Offset,
 }
 
 /// Create a stream.

@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! frame  := len:u32 crc:u32 body[len]          crc is CRC-32C of body
-//! body   := 1 create | 2 append | 3 delete      (all integers little-endian)
+//! body   := 1 create | 2 append | 3 delete | 4 meta   (integers little-endian)
 //! create := id:u64 path:str content_type:str expiry closed:u8 fork base:offset records
 //! append := id:u64 producer seq closed:u8 records
 //! delete := id:u64
+//! meta   := key:str (0 | 1 len:u32 value[len])
 //! expiry := 0 | 1 secs:u64 | 2 unix_secs:i64 nanos:u32
 //! fork   := 0 | 1 source_id:u64 source:str anchor:offset sub_offset:u64
 //! producer := 0 | 1 id:str epoch:u64 last_seq:u64
@@ -39,6 +40,7 @@ pub(crate) const MAX_BODY_LEN: usize = 1 << 30;
 const CREATE: u8 = 1;
 const APPEND: u8 = 2;
 const DELETE: u8 = 3;
+const META: u8 = 4;
 
 /// Appends the frame for `op` to `out`, returning the range of each record's
 /// bytes relative to the frame's start.
@@ -80,6 +82,18 @@ pub(crate) fn encode(op: &Op, out: &mut Vec<u8>) -> Vec<Range<usize>> {
         Op::Delete { id } => {
             out.push(DELETE);
             put_u64(out, *id);
+        }
+        Op::Meta { key, value } => {
+            out.push(META);
+            put_str(out, key);
+            match value {
+                None => out.push(0),
+                Some(value) => {
+                    out.push(1);
+                    put_u32(out, value.len() as u32);
+                    out.extend_from_slice(value);
+                }
+            }
         }
     }
     let records = op.records();
@@ -157,6 +171,18 @@ pub(crate) fn decode(body: &[u8], crc: u32) -> Result<(Op, Vec<Range<usize>>), C
             }
         }
         DELETE => Op::Delete { id: r.u64()? },
+        META => {
+            let key = r.string()?;
+            let value = match r.u8()? {
+                0 => None,
+                1 => {
+                    let len = r.u32()? as usize;
+                    Some(bytes::Bytes::copy_from_slice(r.take(len)?))
+                }
+                _ => return Err(Corrupt::Malformed),
+            };
+            Op::Meta { key, value }
+        }
         _ => return Err(Corrupt::Malformed),
     };
     let count = r.u32()? as usize;
@@ -266,6 +292,23 @@ mod tests {
             assert_eq!(new.expiry, expiry);
             assert_eq!(new.fork.unwrap().0.sub_offset, 3);
             assert_eq!(new.path, "a/b");
+        }
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        for value in [None, Some(Bytes::from_static(b"{\"a\":1}"))] {
+            let op = Op::Meta {
+                key: "subscriptions/s1".into(),
+                value: value.clone(),
+            };
+            let (decoded, _, ranges) = round_trip(&op);
+            assert!(ranges.is_empty());
+            let Op::Meta { key, value: got } = decoded else {
+                panic!("decoded {decoded:?}")
+            };
+            assert_eq!(key, "subscriptions/s1");
+            assert_eq!(got, value);
         }
     }
 

@@ -236,7 +236,11 @@ fn segments(dir: &Path) -> io::Result<Vec<u64>> {
 fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
     let now = SystemTime::now();
     let (mut index, start) = match snapshot::read(dir)? {
-        Some(s) => (Index::import(s.next_id, s.streams, now), (s.segment, s.pos)),
+        Some(s) => {
+            let mut index = Index::import(s.next_id, s.streams, now);
+            index.import_meta(s.meta);
+            (index, (s.segment, s.pos))
+        }
         None => (Index::default(), (0, 0)),
     };
     let segments: Vec<u64> = segments(dir)?
@@ -363,7 +367,7 @@ impl Drop for Maintenance {
 /// Writes a snapshot, then deletes the segments it made unnecessary.
 fn snapshot_and_clean(engine: &Engine<FileLog>, dir: &Path) -> io::Result<()> {
     let started = Instant::now();
-    let (saved, ticket, in_use, (segment, pos)) = {
+    let (saved, meta, ticket, in_use, (segment, pos)) = {
         let index = engine.lock();
         let Some(saved) = index.export() else {
             return Ok(());
@@ -371,6 +375,7 @@ fn snapshot_and_clean(engine: &Engine<FileLog>, dir: &Path) -> io::Result<()> {
         let in_use = index.segments_in_use();
         (
             saved,
+            index.meta(""),
             engine.log().ticket(),
             in_use,
             engine.log().position(),
@@ -382,6 +387,7 @@ fn snapshot_and_clean(engine: &Engine<FileLog>, dir: &Path) -> io::Result<()> {
         pos,
         next_id,
         streams,
+        meta,
     });
     engine.log().wait_durable(ticket)?;
     snapshot::write(dir, &bytes)?;

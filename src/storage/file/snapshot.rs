@@ -2,14 +2,18 @@
 //! and old segments can be deleted.
 //!
 //! ```text
-//! file    := "DSSNAP02" body crc:u32        crc is CRC-32C of body
-//! body    := segment:u64 pos:u64 next_id:u64 count:u32 stream*
+//! file    := "DSSNAP03" body crc:u32        crc is CRC-32C of body
+//! body    := segment:u64 pos:u64 next_id:u64 count:u32 stream* metas
 //! stream  := id:u64 path:str content_type:str expiry writer fork base:offset
 //!            deleted:u8 chunks
 //! writer  := closed:u8 seq producers
 //! producers := count:u32 (id:str epoch:u64 last_seq:u64)*
 //! chunks  := count:u64 (segment:u64 pos:u64 len:u32 crc:u32)*
+//! metas   := count:u32 (key:str len:u32 value[len])*
 //! ```
+//!
+//! A `DSSNAP02` file, from before metadata was kept, is the same without
+//! `metas`.
 //!
 //! `segment` and `pos` say where replay continues: every frame before that
 //! point is reflected in the snapshot. A snapshot is written to a temporary
@@ -20,6 +24,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
+use bytes::Bytes;
+
 use super::codec::{
     put_expiry, put_fork, put_offset, put_opt_str, put_str, put_u32, put_u64, Corrupt, Reader,
 };
@@ -29,7 +35,9 @@ use crate::storage::index::{Location, Saved};
 use crate::storage::rules::WriterState;
 use crate::stream::ContentType;
 
-const MAGIC: &[u8; 8] = b"DSSNAP02";
+const MAGIC: &[u8; 8] = b"DSSNAP03";
+/// The format before metadata entries.
+const MAGIC_02: &[u8; 8] = b"DSSNAP02";
 const FILE: &str = "snapshot.bin";
 const TEMP: &str = "snapshot.tmp";
 
@@ -41,6 +49,8 @@ pub(crate) struct Snapshot {
     pub(crate) pos: u64,
     pub(crate) next_id: u64,
     pub(crate) streams: Vec<Saved>,
+    /// Metadata entries, `(key, value)`.
+    pub(crate) meta: Vec<(String, Bytes)>,
 }
 
 pub(crate) fn encode(snapshot: &Snapshot) -> Vec<u8> {
@@ -74,14 +84,23 @@ pub(crate) fn encode(snapshot: &Snapshot) -> Vec<u8> {
             put_u32(&mut out, chunk.crc);
         }
     }
+    put_u32(&mut out, snapshot.meta.len() as u32);
+    for (key, value) in &snapshot.meta {
+        put_str(&mut out, key);
+        put_u32(&mut out, value.len() as u32);
+        out.extend_from_slice(value);
+    }
     let crc = crc32c::crc32c(&out[MAGIC.len()..]);
     put_u32(&mut out, crc);
     out
 }
 
 pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
-    let body = data
-        .strip_prefix(MAGIC.as_slice())
+    let (has_meta, rest) = match data.strip_prefix(MAGIC.as_slice()) {
+        Some(rest) => (true, Some(rest)),
+        None => (false, data.strip_prefix(MAGIC_02.as_slice())),
+    };
+    let body = rest
         .and_then(|rest| rest.len().checked_sub(4).map(|n| rest.split_at(n)))
         .ok_or(Corrupt::Malformed)?;
     let (body, crc) = body;
@@ -137,6 +156,14 @@ pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
             deleted,
         });
     }
+    let mut meta = Vec::new();
+    if has_meta {
+        for _ in 0..r.u32()? {
+            let key = r.string()?;
+            let len = r.u32()? as usize;
+            meta.push((key, Bytes::copy_from_slice(r.take(len)?)));
+        }
+    }
     if r.at != body.len() {
         return Err(Corrupt::Malformed);
     }
@@ -145,6 +172,7 @@ pub(crate) fn decode(data: &[u8]) -> Result<Snapshot, Corrupt> {
         pos,
         next_id,
         streams,
+        meta,
     })
 }
 
@@ -226,10 +254,12 @@ mod tests {
                 }],
                 deleted: false,
             }],
+            meta: vec![("subscriptions/s".into(), Bytes::from_static(b"{}"))],
         };
         let bytes = encode(&snapshot);
         let back = decode(&bytes).unwrap();
         assert_eq!((back.segment, back.pos, back.next_id), (3, 99, 12));
+        assert_eq!(back.meta, snapshot.meta);
         let stream = &back.streams[0];
         assert_eq!(stream.writer, snapshot.streams[0].writer);
         assert_eq!(stream.chunks, snapshot.streams[0].chunks);
