@@ -65,6 +65,8 @@ pub mod service;
 pub mod sse;
 pub mod storage;
 pub mod stream;
+#[cfg(feature = "subscriptions")]
+pub mod subscription;
 
 pub use self::body::Body;
 pub use self::cache_control::CacheControlLayer;

@@ -22,7 +22,8 @@ use tower_durable_streams::storage::{
     FileStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
 use tower_durable_streams::{
-    CacheControlLayer, DurableStreamsService, LongPollLayer, MemoryStorage, SseLayer,
+    subscription::Subscriptions, CacheControlLayer, DurableStreamsService, LongPollLayer,
+    MemoryStorage, SseLayer,
 };
 
 #[derive(Parser, Debug)]
@@ -65,6 +66,15 @@ struct ServeArgs {
     /// The path below which streams live.
     #[arg(long, default_value = "/v1/stream")]
     prefix: String,
+    /// Let subscriptions send webhooks to http://localhost and
+    /// http://127.0.0.x (for development).
+    #[arg(long)]
+    allow_localhost_webhooks: bool,
+    /// The public URL of the stream root, such as
+    /// <https://streams.example.com/v1/stream>, for webhook callback and JWKS
+    /// URLs. Default is derived from each subscription's creating request.
+    #[arg(long)]
+    public_url: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -123,6 +133,11 @@ where
         + 'static,
     S::Future: Send,
 {
+    let mut subscriptions =
+        Subscriptions::new().allow_localhost_webhooks(args.allow_localhost_webhooks);
+    if let Some(url) = &args.public_url {
+        subscriptions = subscriptions.public_url(url);
+    }
     let streams = ServiceBuilder::new()
         .layer(CacheControlLayer::new())
         .layer(SseLayer::new().connection_lifetime(args.sse_lifetime))
@@ -130,7 +145,8 @@ where
         .service(
             DurableStreamsService::new(storage)
                 .prefix(args.prefix.clone())
-                .max_body_size(args.max_body_size),
+                .max_body_size(args.max_body_size)
+                .subscriptions(subscriptions),
         );
     let app = service_fn(move |request: Request<Incoming>| {
         let streams = streams.clone();

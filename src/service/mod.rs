@@ -31,6 +31,8 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_service::Service;
 
+#[cfg(feature = "subscriptions")]
+pub(crate) use self::request::stream_key;
 use self::request::ReadQuery;
 pub(crate) use self::request::Refusal;
 use self::response as resp;
@@ -38,7 +40,7 @@ use crate::body::Body;
 use crate::headers as h;
 use crate::json;
 use crate::live::{AtTail, Subscribe};
-use crate::offset::ReadFrom;
+use crate::offset::{Offset, ReadFrom};
 use crate::storage::{rules, Append, AppendOutcome, Create, Read, StorageRequest, StorageResponse};
 use crate::{BoxError, BoxFuture};
 
@@ -48,6 +50,8 @@ pub const DEFAULT_MAX_BODY_SIZE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default most bytes one catch-up read returns: 1 MiB.
 pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
+/// The largest body of a `__ds` control request.
+const MAX_CONTROL_BODY: usize = 1024 * 1024;
 
 /// The Durable Streams protocol over a storage backend `S`.
 ///
@@ -79,6 +83,30 @@ pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
 pub struct DurableStreamsService<S> {
     storage: S,
     config: Arc<Config>,
+    control: Option<Arc<dyn Control>>,
+}
+
+/// The reserved `__ds` control plane, as the service sees it: it answers
+/// requests below `__ds/` and hears of every stream change.
+pub(crate) trait Control: Send + Sync + 'static {
+    /// Answers a request below `__ds/`.
+    fn handle(&self, request: ControlRequest) -> BoxFuture<Response<Body>>;
+    /// A stream was created or appended to; `tail` is its new tail.
+    fn observe(&self, path: &str, tail: Offset);
+    /// A stream was deleted.
+    fn forget(&self, path: &str);
+}
+
+/// A request below `__ds/`, its body already read.
+#[cfg_attr(not(feature = "subscriptions"), allow(dead_code))]
+pub(crate) struct ControlRequest {
+    pub(crate) method: Method,
+    /// The path below `__ds/`, canonical.
+    pub(crate) path: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    /// The absolute URL of the stream root, as this request reached it.
+    pub(crate) root: String,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +135,7 @@ impl<S> DurableStreamsService<S> {
                 body_timeout: DEFAULT_BODY_TIMEOUT,
                 cors: true,
             }),
+            control: None,
         }
     }
 
@@ -174,6 +203,27 @@ impl<S> DurableStreamsService<S> {
     }
 }
 
+#[cfg(feature = "subscriptions")]
+impl<S> DurableStreamsService<S>
+where
+    S: Service<StorageRequest, Response = StorageResponse> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    /// Serves the reserved `__ds` subscription APIs, keeping their state in
+    /// this service's storage. Without it, `__ds` paths get `404`. See
+    /// [`subscription`](crate::subscription).
+    ///
+    /// Call it after [`prefix`](Self::prefix) or
+    /// [`mounted_at`](Self::mounted_at) and inside a Tokio runtime, so that
+    /// scheduled work (webhook retries, lease expiry) resumes at once after
+    /// a restart; otherwise it starts with the first request.
+    pub fn subscriptions(mut self, subscriptions: crate::subscription::Subscriptions) -> Self {
+        self.control = Some(subscriptions.build(self.storage.clone()));
+        self
+    }
+}
+
 impl<S: fmt::Debug> fmt::Debug for DurableStreamsService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DurableStreamsService")
@@ -205,6 +255,7 @@ where
         let handler = Handler {
             storage: self.storage.clone(),
             config: self.config.clone(),
+            control: self.control.clone(),
         };
         ResponseFuture {
             inner: Box::pin(handler.handle(request)),
@@ -234,6 +285,7 @@ impl fmt::Debug for ResponseFuture {
 struct Handler<S> {
     storage: S,
     config: Arc<Config>,
+    control: Option<Arc<dyn Control>>,
 }
 
 type Outcome = Result<Response<Body>, Refusal>;
@@ -273,10 +325,7 @@ where
         }
         let path = request::stream_key(parts.uri.path(), &self.config.prefix)?;
         if path == "__ds" || path.starts_with("__ds/") {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "reserved for subscriptions, which this server does not offer",
-            ));
+            return self.control(path, parts, body).await;
         }
         match parts.method {
             Method::PUT => self.create(path, parts, body).await,
@@ -289,6 +338,35 @@ where
                 "method not allowed",
             )),
         }
+    }
+
+    /// Hands a `__ds` request to the control plane.
+    async fn control<B>(self, path: String, parts: Parts, body: B) -> Outcome
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Some(control) = &self.control else {
+            return Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "reserved for subscriptions, which this server does not offer",
+            ));
+        };
+        let config = Config {
+            max_body_size: self.config.max_body_size.min(MAX_CONTROL_BODY),
+            ..(*self.config).clone()
+        };
+        let body = read_body(body, &parts.headers, &config).await?;
+        let root = location(&parts, &self.config.public_prefix);
+        let path = path.strip_prefix("__ds").unwrap_or_default();
+        let request = ControlRequest {
+            path: path.strip_prefix('/').unwrap_or(path).to_owned(),
+            method: parts.method,
+            headers: parts.headers,
+            body,
+            root,
+        };
+        Ok(control.handle(request).await)
     }
 
     async fn call(self, request: StorageRequest) -> Result<StorageResponse, Response<Body>> {
@@ -306,6 +384,7 @@ where
         let config = request::create_config(&parts.headers, &self.config.public_prefix)?;
         let body = read_body(body, &parts.headers, &self.config).await?;
         let location_path = format!("{}/{}", self.config.public_prefix, path);
+        let hook = self.control.clone().map(|control| (control, path.clone()));
         let create = Create {
             path,
             config,
@@ -317,6 +396,9 @@ where
             Ok(other) => return Ok(unexpected(&other)),
             Err(response) => return Ok(response),
         };
+        if let Some((control, path)) = hook.filter(|_| created) {
+            control.observe(&path, info.tail);
+        }
         let status = if created {
             StatusCode::CREATED
         } else {
@@ -358,6 +440,7 @@ where
             Some(ct) => rules::records(ct, body, false),
             None => Ok(Vec::new()),
         };
+        let hook = self.control.clone().map(|control| (control, path.clone()));
         let append = Append {
             path,
             content_type,
@@ -372,6 +455,9 @@ where
             Ok(other) => return Ok(unexpected(&other)),
             Err(response) => return Ok(response),
         };
+        if let Some((control, path)) = hook.filter(|_| appended.appended) {
+            control.observe(&path, appended.info.tail);
+        }
         let (status, producer) = match appended.outcome {
             AppendOutcome::Written { producer: None } | AppendOutcome::AlreadyClosed => {
                 (StatusCode::NO_CONTENT, None)
@@ -475,8 +561,12 @@ where
     }
 
     async fn delete(self, path: String) -> Outcome {
+        let hook = self.control.clone().map(|control| (control, path.clone()));
         match self.call(StorageRequest::Delete { path }).await {
             Ok(StorageResponse::Deleted) => {
+                if let Some((control, path)) = hook {
+                    control.forget(&path);
+                }
                 Ok(resp::with_status(StatusCode::NO_CONTENT, Body::empty()))
             }
             Ok(other) => Ok(unexpected(&other)),

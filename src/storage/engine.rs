@@ -9,6 +9,9 @@
 //! confirm may still be on its way to disk, and then publish it, since the
 //! request that changed it may have been abandoned before it could.
 
+// The log handle and the expiry sweep serve only the file store.
+#![cfg_attr(not(feature = "file"), allow(dead_code))]
+
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::SystemTime;

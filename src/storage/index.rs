@@ -9,6 +9,9 @@
 //! ([`Index::publish`]), which wakes the stream's waiters. Replaying a log
 //! after a restart is the same `apply` and `publish`, with no rules to run.
 
+// Snapshots, replay and records on disk serve only the file store.
+#![cfg_attr(not(feature = "file"), allow(dead_code))]
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::SystemTime;
 
