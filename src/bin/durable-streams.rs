@@ -71,7 +71,7 @@ struct ServeArgs {
     #[arg(long)]
     allow_localhost_webhooks: bool,
     /// The public URL of the stream root, such as
-    /// <https://streams.example.com/v1/stream>, for webhook callback and JWKS
+    /// `https://streams.example.com/v1/stream`, for webhook callback and JWKS
     /// URLs. Default is derived from each subscription's creating request.
     #[arg(long)]
     public_url: Option<String>,
