@@ -25,7 +25,7 @@ cargo clippy --all-targets --all-features --quiet -- -D warnings
 
 # Each optional part on its own must build cleanly too: a user who
 # enables only `file` or only `subscriptions` gets no warnings.
-for features in "" file subscriptions; do
+for features in "" file subscriptions client; do
   step "cargo clippy --lib --no-default-features --features '$features'"
   cargo clippy --lib --no-default-features --features "$features" --quiet -- -D warnings
 done

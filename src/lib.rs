@@ -11,6 +11,8 @@
 //!   [`LongPollLayer`] and [`SseLayer`];
 //! - the [storage contract](storage), itself a `Service`, and
 //!   [`MemoryStorage`];
+//! - with the `client` feature, a [client](client) with resumable readers
+//!   and idempotent producers;
 //! - with the `server` feature, the `durable-streams` binary.
 //!
 //! # Example
@@ -54,6 +56,8 @@
 
 mod body;
 pub mod cache_control;
+#[cfg(feature = "client")]
+pub mod client;
 mod cursor;
 pub mod headers;
 mod json;
