@@ -42,10 +42,15 @@ impl Parser {
 
     /// Takes one whole line off the buffer, without its ending.
     fn line(&mut self) -> Option<String> {
-        if self.after_cr && self.buffer.first() == Some(&b'\n') {
-            self.buffer.advance(1);
+        if self.after_cr {
+            match self.buffer.first() {
+                // The LF of a CRLF split across reads may be on its way.
+                None => return None,
+                Some(b'\n') => self.buffer.advance(1),
+                Some(_) => {}
+            }
+            self.after_cr = false;
         }
-        self.after_cr = false;
         let end = self.buffer.iter().position(|&b| b == b'\n' || b == b'\r')?;
         let line = String::from_utf8_lossy(&self.buffer[..end]).into_owned();
         self.after_cr = self.buffer[end] == b'\r';
