@@ -672,3 +672,63 @@ async fn readers_retry_5xx_and_honour_retry_after() {
     assert_eq!(error.kind(), &ErrorKind::BadRequest);
     assert!(reader.next().await.is_none());
 }
+
+// ---------------------------------------------------------------------------
+// The command line
+// ---------------------------------------------------------------------------
+
+#[cfg(feature = "server")]
+#[tokio::test]
+async fn cli_commands_drive_a_stream_end_to_end() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    let server = Server::start().await;
+    let url = format!("http://{}{PREFIX}/cli/s", server.addr());
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_durable-streams"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the binary");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        let url = url.as_str();
+        let created = run(
+            &["create", url, "--content-type", "text/plain", "--data", "a"],
+            "",
+        );
+        assert!(created.0 && created.1.starts_with("created"), "{created:?}");
+        assert!(run(&["append", url, "b", "c"], "").0);
+        assert!(run(&["append", url], "d\ne\n").0);
+        let read = run(&["read", url], "");
+        assert_eq!(read.1, "abcd\ne\n");
+        assert!(read.2.contains("next offset"), "{read:?}");
+        let head = run(&["head", url], "");
+        assert!(head.1.contains("content type: text/plain") && head.1.contains("closed: false"));
+        assert!(run(&["close", url, "--data", "!"], "").0);
+        let read = run(&["read", "--follow", url], "");
+        assert_eq!(read.1, "abcd\ne\n!", "--follow ends at closure");
+        let refused = run(&["append", url, "late"], "");
+        assert!(!refused.0 && refused.2.contains("closed"), "{refused:?}");
+        assert!(run(&["delete", url], "").0);
+        let gone = run(&["head", url], "");
+        assert!(!gone.0 && gone.2.contains("not found"), "{gone:?}");
+    })
+    .await
+    .unwrap();
+}

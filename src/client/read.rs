@@ -169,6 +169,12 @@ impl futures_core::Stream for Reader {
 }
 
 impl Reader {
+    /// The next chunk, without the `futures` traits: `None` once the
+    /// reader has ended.
+    pub async fn next_chunk(&mut self) -> Option<Result<Chunk, Error>> {
+        self.chunks.recv().await
+    }
+
     pub(crate) fn start(stream: DurableStream, options: ReadOptions) -> Self {
         let (tx, chunks) = mpsc::channel(16);
         let backoff = options.backoff.unwrap_or_else(|| {

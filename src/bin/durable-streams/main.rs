@@ -1,4 +1,7 @@
-//! `durable-streams`: a standalone Durable Streams server.
+//! `durable-streams`: a standalone Durable Streams server, and a client
+//! for one from the command line.
+
+mod cli;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,7 +30,11 @@ use tower_durable_streams::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "durable-streams", version, about = "A Durable Streams server")]
+#[command(
+    name = "durable-streams",
+    version,
+    about = "A Durable Streams server and client"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +44,18 @@ struct Cli {
 enum Command {
     /// Serve the Durable Streams protocol over HTTP/1.1 and h2c.
     Serve(ServeArgs),
+    /// Create a stream (or confirm it exists with the same settings).
+    Create(cli::Create),
+    /// Append to a stream: each argument, or each line of standard input.
+    Append(cli::Append),
+    /// Read a stream to standard output, and with --follow keep reading.
+    Read(cli::Read),
+    /// Show a stream's metadata.
+    Head(cli::Target),
+    /// Close a stream, with an optional final append.
+    Close(cli::Close),
+    /// Delete a stream.
+    Delete(cli::Target),
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,12 +115,21 @@ enum SyncArg {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let Command::Serve(args) = Cli::parse().command;
-    match serve(args).await {
+    let result = match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Create(args) => cli::create(args).await,
+        Command::Append(args) => cli::append(args).await,
+        Command::Read(args) => cli::read(args).await,
+        Command::Head(args) => cli::head(args).await,
+        Command::Close(args) => cli::close(args).await,
+        Command::Delete(args) => cli::delete(args).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("durable-streams: {e}");
