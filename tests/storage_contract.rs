@@ -742,6 +742,35 @@ mod checks {
         let again = s.append(close("s")).await.unwrap();
         assert_eq!(again.outcome, AppendOutcome::AlreadyClosed);
         assert!(again.info.closed);
+        // A producer's close-only is refused unless it repeats the write
+        // that closed the stream (PROTOCOL.md 5.2.1).
+        assert_eq!(
+            s.append(with_producer(close("s"), "other", 0, 0))
+                .await
+                .unwrap_err(),
+            closed
+        );
+        s.create_new(put("p")).await;
+        let by_p = s
+            .append(with_producer(close("p"), "p", 0, 0))
+            .await
+            .unwrap();
+        assert!(by_p.info.closed);
+        let retried = s
+            .append(with_producer(close("p"), "p", 0, 0))
+            .await
+            .unwrap();
+        assert!(
+            matches!(retried.outcome, AppendOutcome::Duplicate { .. }),
+            "{retried:?}"
+        );
+        let p_tail = by_p.info.tail;
+        assert_eq!(
+            s.append(with_producer(close("p"), "p", 0, 1))
+                .await
+                .unwrap_err(),
+            StreamErrorKind::Closed { tail: p_tail }
+        );
 
         // The data stays readable.
         let read = s.read(subscribe("s", ReadFrom::Start)).await.unwrap();

@@ -71,11 +71,13 @@ pub fn plan_append(
     let has_body = !matches!(&append.records, Ok(records) if records.is_empty());
 
     if writer.closed {
-        if let Some((_, ProducerCheck::Duplicate(state))) = producer_check {
-            return Ok(AppendPlan::Duplicate(state));
-        }
-        if append.close && !has_body {
-            return Ok(AppendPlan::AlreadyClosed);
+        // A producer's retry of the write that closed the stream is a
+        // duplicate; anything else a producer sends, a close included, is
+        // refused (PROTOCOL.md 5.2.1). A plain close-only is idempotent.
+        match producer_check {
+            Some((_, ProducerCheck::Duplicate(state))) => return Ok(AppendPlan::Duplicate(state)),
+            None if append.close && !has_body => return Ok(AppendPlan::AlreadyClosed),
+            _ => {}
         }
         return Err(StreamError::new(
             StreamErrorKind::Closed { tail },
