@@ -250,10 +250,11 @@ impl Client {
         }
     }
 
-    /// A whole exchange, retried per the backoff policy when `retry` allows
-    /// (no answer, `5xx`, `429`); `retry` false still retries `429`, which
-    /// the server refused before doing anything. Non-success statuses
-    /// become errors.
+    /// A whole exchange, retried per the backoff policy: after no answer,
+    /// `5xx` or `429` when `retry` (the request is idempotent), and only
+    /// after an answer of `5xx` or `429` otherwise, since a request that got
+    /// no answer may have been carried out. Non-success statuses become
+    /// errors.
     async fn call(
         &self,
         method: Method,
@@ -284,7 +285,7 @@ impl Client {
             let may = if retry {
                 error.is_retryable()
             } else {
-                error.kind() == &ErrorKind::RateLimited
+                matches!(error.kind(), ErrorKind::RateLimited | ErrorKind::Server)
             };
             if !may || !self.inner.backoff.allows(attempt) {
                 return Err(error);
@@ -549,9 +550,9 @@ impl DurableStream {
 
     /// Appends `body`, with the stream's content type (learned from
     /// [`create`](Self::create) or [`head`](Self::head), or with one `HEAD`
-    /// the first time). Not retried once it may have reached the server,
-    /// since a plain append is not idempotent: an [`IdempotentProducer`]'s
-    /// are.
+    /// the first time). Retried when the server answers `5xx` or `429`,
+    /// which say it was not stored, but not after a lost connection, since
+    /// a plain append is not idempotent: an [`IdempotentProducer`]'s are.
     ///
     /// # Errors
     ///
@@ -589,6 +590,26 @@ impl DurableStream {
     ) -> Result<Appended, Error> {
         let mut headers = HeaderMap::new();
         insert(&mut headers, &self.url, "content-type", content_type)?;
+        self.post(headers, body.into()).await
+    }
+
+    /// Appends `body` as `content_type` with the writer sequence `seq`
+    /// (`Stream-Seq`), which must be greater, byte-wise, than the last one
+    /// the stream accepted.
+    ///
+    /// # Errors
+    ///
+    /// As [`append`](Self::append); a sequence that does not move forward is
+    /// [`ErrorKind::Conflict`].
+    pub async fn append_seq(
+        &self,
+        content_type: &str,
+        seq: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Appended, Error> {
+        let mut headers = HeaderMap::new();
+        insert(&mut headers, &self.url, "content-type", content_type)?;
+        insert(&mut headers, &self.url, "stream-seq", seq)?;
         self.post(headers, body.into()).await
     }
 

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, Method};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -114,8 +114,9 @@ enum Command {
 /// batch waits the linger time for others, then the batch goes as one
 /// `POST` (for JSON streams, a JSON array of the messages, one message per
 /// append). One batch is in flight at a time, so order is kept. A plain
-/// append is not idempotent, so a batch that may have reached the server is
-/// not resent; after a failure every later append fails with it.
+/// append is not idempotent, so a batch that got no answer is not resent
+/// (one the server answered with `5xx` or `429` is); after a failure every
+/// later append fails with it.
 pub struct Producer {
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
@@ -500,12 +501,12 @@ impl Worker {
                     continue;
                 }
             }
-            // Without producer numbers, only a refusal that did nothing is
-            // safe to resend.
+            // Without producer numbers, only an answer that says nothing
+            // was stored makes a resend safe.
             let safe = if self.identity.is_some() {
                 error.is_retryable()
             } else {
-                error.status() == Some(StatusCode::TOO_MANY_REQUESTS)
+                matches!(error.kind(), ErrorKind::RateLimited | ErrorKind::Server)
             };
             if !safe || !self.backoff.allows(attempt) {
                 return Err(error);
