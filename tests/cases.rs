@@ -1173,6 +1173,33 @@ async fn oversized_bodies_are_413_and_write_nothing() {
     assert_eq!(s.head("new").await.status, 404);
 }
 
+#[tokio::test]
+async fn a_client_still_sending_an_oversized_body_gets_the_413() {
+    // C28: refusing on Content-Length alone and closing at once resets the
+    // connection under a client that is still writing, so it never reads
+    // the answer.
+    let s = Server::with(Options {
+        max_body_size: 1024,
+        ..Options::default()
+    })
+    .await;
+    let tail = s.put("s", &[TEXT], "base").await.next_offset();
+    let body = vec![b'x'; 8 * 1024 * 1024];
+    for _ in 0..3 {
+        let mut conn = s.connect().await;
+        conn.send(format!(
+            "POST /v1/stream/s HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        ))
+        .await;
+        // All of it, as a client that does not watch for an early answer.
+        conn.send(&body).await;
+        assert_eq!(conn.finish().await.status, 413);
+    }
+    assert_eq!(s.head("s").await.next_offset(), tail);
+}
+
 // ---------------------------------------------------------------------------
 // Clients that go away: no leaked waiters, no partial appends.
 

@@ -52,6 +52,10 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
 /// The largest body of a `__ds` control request.
 const MAX_CONTROL_BODY: usize = 1024 * 1024;
+/// The most of a refused body read and dropped so the client sees the `413`.
+const MAX_DISCARD: usize = 64 * 1024 * 1024;
+/// The longest time spent dropping a refused body.
+const DISCARD_TIME: Duration = Duration::from_secs(5);
 
 /// The Durable Streams protocol over a storage backend `S`.
 ///
@@ -648,8 +652,6 @@ where
     B: HttpBody,
     B::Error: Into<BoxError>,
 {
-    let limit = config.max_body_size;
-    let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     let encoded = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
@@ -660,6 +662,34 @@ where
             "Content-Encoding is not supported",
         ));
     }
+    let mut body = std::pin::pin!(body);
+    match collect_within(body.as_mut(), headers, config).await {
+        Err(refusal) if refusal.status == StatusCode::PAYLOAD_TOO_LARGE => {
+            // A client that is still sending cannot read the answer once
+            // the connection is reset under it, so take (a bounded amount
+            // of) the rest first. One waiting for `100 Continue` has sent
+            // nothing, and polling would ask it to.
+            if !expects_continue(headers) {
+                discard(body, config).await;
+            }
+            Err(refusal)
+        }
+        other => other,
+    }
+}
+
+/// The body's bytes, or a refusal once it passes `config.max_body_size`.
+async fn collect_within<B>(
+    mut body: Pin<&mut B>,
+    headers: &HeaderMap,
+    config: &Config,
+) -> Result<Bytes, Refusal>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    let limit = config.max_body_size;
+    let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -667,7 +697,6 @@ where
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large());
     }
-    let mut body = std::pin::pin!(body);
     let mut collected = BytesMut::new();
     loop {
         let next = tokio::time::timeout(config.body_timeout, body.frame())
@@ -700,6 +729,34 @@ where
         }
     }
     Ok(collected.freeze())
+}
+
+/// Reads and drops what is left of a refused body: at most
+/// [`MAX_DISCARD`] bytes, for at most [`DISCARD_TIME`].
+async fn discard<B>(mut body: Pin<&mut B>, config: &Config)
+where
+    B: HttpBody,
+{
+    let drain = async {
+        let mut left = MAX_DISCARD;
+        while let Ok(Some(Ok(frame))) =
+            tokio::time::timeout(config.body_timeout, body.frame()).await
+        {
+            let n = frame.data_ref().map_or(0, bytes::Buf::remaining);
+            match left.checked_sub(n) {
+                Some(rest) => left = rest,
+                None => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
+}
+
+/// Whether the client waits for `100 Continue` before it sends the body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether `error`, or any error that caused it, is an `E`.
