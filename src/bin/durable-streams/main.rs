@@ -15,11 +15,11 @@ use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_durable_streams::storage::{
     FileStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
@@ -28,6 +28,9 @@ use tower_durable_streams::{
     subscription::Subscriptions, CacheControlLayer, DurableStreamsService, LongPollLayer,
     MemoryStorage, SseLayer,
 };
+
+/// How long a client has to send a request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -190,18 +193,16 @@ where
 
     let listener = TcpListener::bind(args.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, storage = ?args.storage, prefix = %args.prefix, "listening");
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client gets 30 seconds to send its request head, and h2 connections
-    // are pinged so dead peers are noticed.
-    // Clients that half-close after sending (`printf ... | nc`) still get
-    // their response.
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    // A client gets 30 seconds to send its request head. Clients that
+    // half-close after sending (`printf ... | nc`) still get their response.
+    http1
         .half_close(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder
-        .http2()
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // h2 connections are pinged so dead peers are noticed.
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
@@ -219,10 +220,22 @@ where
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(app.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let (http1, http2) = (http1.clone(), http2.clone());
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> =
+                        match speaks_h2(&stream).await {
+                            Ok(true) => {
+                                let conn = http2.serve_connection(TokioIo::new(stream), service);
+                                watcher.watch(conn).await.map_err(Into::into)
+                            }
+                            Ok(false) => {
+                                let conn = http1.serve_connection(TokioIo::new(stream), service);
+                                watcher.watch(conn).await.map_err(Into::into)
+                            }
+                            Err(e) => Err(e.into()),
+                        };
+                    if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -239,6 +252,33 @@ where
         tracing::info!("closing connections that are still open");
     }
     Ok(())
+}
+
+/// Whether a new connection opens with the HTTP/2 connection preface (h2c
+/// with prior knowledge); anything else is served as HTTP/1.
+///
+/// The bytes are peeked, not read, so each protocol's connection reads the
+/// request from the socket itself, into buffers of its usual size.
+async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let peek = async {
+        let mut buf = [0u8; PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 || buf[..n] != PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == PREFACE.len() {
+                return Ok(true);
+            }
+            // Part of the preface so far: peeking again at once would find
+            // the same bytes.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(HEADER_READ_TIMEOUT, peek)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 async fn shutdown_signal() {
