@@ -12,8 +12,12 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+use crate::BoxFuture;
 
 /// Request extension: the caller will wait at the tail if the response has
 /// nothing new, so the service should attach a [`TailWait`].
@@ -67,6 +71,52 @@ impl fmt::Debug for TailWait {
 impl Clone for TailWait {
     fn clone(&self) -> Self {
         Self::new(std::future::ready(()))
+    }
+}
+
+/// What one read gave a live reader: the body as a catch-up read returns
+/// it, and what the read's headers and extensions say.
+pub(crate) struct LiveChunk {
+    pub(crate) payload: Bytes,
+    pub(crate) next_offset: String,
+    pub(crate) up_to_date: bool,
+    pub(crate) closed: bool,
+    /// The read found nothing, because it started at the tail.
+    pub(crate) at_tail: bool,
+    pub(crate) wait: Option<TailWait>,
+}
+
+/// Response extension, between this crate's service and its SSE layer:
+/// reads the same stream on from an offset without a new request.
+///
+/// An event stream reads again after every wake-up, for as long as its
+/// client stays. Through the whole service each read parses a request and
+/// formats a response that the layer then parses back; with this the layer
+/// asks the storage directly. Other services do not attach it, and the
+/// layer then reads through them as usual.
+#[derive(Clone)]
+pub(crate) struct ReadOn(Arc<ReadOnFn>);
+
+type ReadOnFn = dyn Fn(&str) -> BoxFuture<Option<LiveChunk>> + Send + Sync;
+
+impl ReadOn {
+    pub(crate) fn new<F>(read: F) -> Self
+    where
+        F: Fn(&str) -> BoxFuture<Option<LiveChunk>> + Send + Sync + 'static,
+    {
+        Self(Arc::new(read))
+    }
+
+    /// Reads from `offset`; `None` when the stream cannot be read there
+    /// any more (deleted, or the offset is not one of its positions).
+    pub(crate) fn read(&self, offset: &str) -> BoxFuture<Option<LiveChunk>> {
+        (self.0)(offset)
+    }
+}
+
+impl fmt::Debug for ReadOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadOn").finish_non_exhaustive()
     }
 }
 

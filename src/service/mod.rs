@@ -39,9 +39,11 @@ use self::response as resp;
 use crate::body::Body;
 use crate::headers as h;
 use crate::json;
-use crate::live::{AtTail, Subscribe};
+use crate::live::{AtTail, LiveChunk, ReadOn, Subscribe};
 use crate::offset::{Offset, ReadFrom};
-use crate::storage::{rules, Append, AppendOutcome, Create, Read, StorageRequest, StorageResponse};
+use crate::storage::{
+    rules, Append, AppendOutcome, Create, Read, ReadResult, StorageRequest, StorageResponse,
+};
 use crate::{BoxError, BoxFuture};
 
 /// The default largest request body: 16 MiB.
@@ -296,7 +298,7 @@ type Outcome = Result<Response<Body>, Refusal>;
 
 impl<S> Handler<S>
 where
-    S: Service<StorageRequest, Response = StorageResponse> + Send + 'static,
+    S: Service<StorageRequest, Response = StorageResponse> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
@@ -497,6 +499,8 @@ where
             }
             Some(_) => return Err(Refusal::bad_request("unknown live mode")),
         }
+        let read_on =
+            (subscribe && query.live.as_deref() == Some("sse")).then(|| self.read_on(path.clone()));
         let read = Read {
             path,
             from,
@@ -548,7 +552,40 @@ where
         if let Some(wait) = result.wait {
             response.extensions_mut().insert(wait);
         }
+        if let Some(read_on) = read_on {
+            response.extensions_mut().insert(read_on);
+        }
         Ok(response)
+    }
+
+    /// Reads of `path` from later offsets, for the SSE layer to follow the
+    /// stream with.
+    fn read_on(&self, path: String) -> ReadOn {
+        let storage = std::sync::Mutex::new(self.storage.clone());
+        let max_bytes = self.config.max_read_bytes;
+        ReadOn::new(move |offset| {
+            let storage = storage
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let read = offset.parse().ok().map(|at| Read {
+                path: path.clone(),
+                from: ReadFrom::At(at),
+                max_bytes,
+                subscribe: true,
+                now: SystemTime::now(),
+            });
+            Box::pin(async move {
+                match storage.oneshot(StorageRequest::Read(read?)).await {
+                    Ok(StorageResponse::Read(result)) => Some(live_chunk(result)),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(error = %e.into(), "live read failed");
+                        None
+                    }
+                }
+            })
+        })
     }
 
     async fn head(self, path: String) -> Outcome {
@@ -580,6 +617,26 @@ where
 }
 
 /// A backend answered with the wrong kind of response.
+/// A read's result as the SSE layer takes it.
+fn live_chunk(result: ReadResult) -> LiveChunk {
+    let up_to_date = result.up_to_date();
+    let payload = if result.info.content_type.is_json() {
+        json::array(&result.records)
+    } else if let [record] = &result.records[..] {
+        record.clone()
+    } else {
+        result.records.concat().into()
+    };
+    LiveChunk {
+        payload,
+        next_offset: result.next.to_string(),
+        up_to_date,
+        closed: result.info.closed && up_to_date,
+        at_tail: result.records.is_empty() && result.next == result.start,
+        wait: result.wait,
+    }
+}
+
 fn unexpected(response: &StorageResponse) -> Response<Body> {
     tracing::error!(
         ?response,

@@ -16,7 +16,9 @@ use super::body::{Next, ResponseBody, SseBody, Step};
 use super::encode::{control_event, data_event, Control};
 use crate::cursor::next_cursor;
 use crate::headers as h;
-use crate::live::{self, AtTail, LiveFuture, LiveRequestBody, Subscribe, TailWait};
+use crate::live::{
+    self, AtTail, LiveChunk, LiveFuture, LiveRequestBody, ReadOn, Subscribe, TailWait,
+};
 use crate::stream::ContentType;
 use crate::BoxError;
 
@@ -131,6 +133,7 @@ where
         parts,
         offset: None,
         pending: Some(first),
+        read_on: None,
         wait: None,
         deadline,
         cursor: next_cursor(SystemTime::now(), echoed.as_deref()),
@@ -148,6 +151,8 @@ struct Events<S, ReqBody, ResBody> {
     parts: Parts,
     offset: Option<String>,
     pending: Option<Response<ResBody>>,
+    /// The inner service's shortcut for reading on, when it offers one.
+    read_on: Option<ReadOn>,
     wait: Option<TailWait>,
     deadline: Instant,
     cursor: u64,
@@ -182,84 +187,100 @@ where
             if self.sent_control && Instant::now() >= self.deadline {
                 return None;
             }
-            let response = match self.pending.take() {
-                Some(response) => response,
-                None => self.read().await?,
-            };
-            if response.status() != StatusCode::OK {
-                return None;
-            }
-            let (mut head, body) = response.into_parts();
-            let wait = head.extensions.remove::<TailWait>();
-            let at_tail = head.extensions.get::<AtTail>().is_some();
-            let next = head
-                .headers
-                .get(h::STREAM_NEXT_OFFSET)?
-                .to_str()
-                .ok()?
-                .to_owned();
-            let up_to_date = head.headers.contains_key(h::STREAM_UP_TO_DATE);
-            let closed = head.headers.contains_key(h::STREAM_CLOSED);
-            let payload = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    tracing::debug!(error = %e.into(), "sse read body failed");
-                    return None;
-                }
-            };
-            let has_data = !at_tail
+            let chunk = self.read().await?;
+            let has_data = !chunk.at_tail
                 && if self.json {
-                    payload.trim_ascii() != b"[]"
+                    chunk.payload.trim_ascii() != b"[]"
                 } else {
-                    !payload.is_empty()
+                    !chunk.payload.is_empty()
                 };
 
             let mut out = BytesMut::new();
             if has_data {
-                data_event(&mut out, &payload, self.base64);
+                data_event(&mut out, &chunk.payload, self.base64);
             }
-            if has_data || closed || !self.sent_control {
+            if has_data || chunk.closed || !self.sent_control {
                 let cursor = self.cursor.max(next_cursor(SystemTime::now(), None));
                 control_event(
                     &mut out,
                     &Control {
-                        next_offset: &next,
-                        cursor: (!closed).then_some(cursor),
-                        up_to_date,
-                        closed,
+                        next_offset: &chunk.next_offset,
+                        cursor: (!chunk.closed).then_some(cursor),
+                        up_to_date: chunk.up_to_date,
+                        closed: chunk.closed,
                     },
                 );
                 self.sent_control = true;
             }
-            self.offset = Some(next);
-            if closed {
+            self.offset = Some(chunk.next_offset);
+            if chunk.closed {
                 return Some((out.freeze(), None));
             }
-            if wait.is_none() && !has_data {
+            if chunk.wait.is_none() && !has_data {
                 // The inner service cannot wait and has nothing more: end
                 // rather than spin; the client reconnects.
                 return (!out.is_empty()).then(|| (out.freeze(), None));
             }
-            self.wait = wait;
+            self.wait = chunk.wait;
             if !out.is_empty() {
                 return Some((out.freeze(), Some(Next(self.step()))));
             }
         }
     }
 
-    async fn read(&mut self) -> Option<Response<ResBody>> {
+    /// The next read: the first response, then the inner service's
+    /// shortcut if it offered one, else a new request through it.
+    async fn read(&mut self) -> Option<LiveChunk> {
+        if let Some(response) = self.pending.take() {
+            return self.unpack(response).await;
+        }
+        if let (Some(read_on), Some(offset)) = (&self.read_on, &self.offset) {
+            return read_on.read(offset).await;
+        }
         let mut parts = self.parts.clone();
         if let Some(offset) = &self.offset {
             parts.uri = live::with_offset(&parts.uri, offset);
         }
         let request = Request::from_parts(parts, LiveRequestBody::empty());
         match (&mut self.inner).oneshot(request).await {
-            Ok(response) => Some(response),
+            Ok(response) => self.unpack(response).await,
             Err(e) => {
                 tracing::debug!(error = %e, "sse read failed");
                 None
             }
         }
+    }
+
+    /// What a successful read response says; `None` for any other.
+    async fn unpack(&mut self, response: Response<ResBody>) -> Option<LiveChunk> {
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        let (mut head, body) = response.into_parts();
+        if let Some(read_on) = head.extensions.remove::<ReadOn>() {
+            self.read_on = Some(read_on);
+        }
+        let next_offset = head
+            .headers
+            .get(h::STREAM_NEXT_OFFSET)?
+            .to_str()
+            .ok()?
+            .to_owned();
+        let payload = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                tracing::debug!(error = %e.into(), "sse read body failed");
+                return None;
+            }
+        };
+        Some(LiveChunk {
+            payload,
+            next_offset,
+            up_to_date: head.headers.contains_key(h::STREAM_UP_TO_DATE),
+            closed: head.headers.contains_key(h::STREAM_CLOSED),
+            at_tail: head.extensions.get::<AtTail>().is_some(),
+            wait: head.extensions.remove::<TailWait>(),
+        })
     }
 }
 
