@@ -281,6 +281,51 @@ async fn close_only_ends_sse_readers_at_once() {
     assert_eq!(last["streamNextOffset"], json!(o1));
 }
 
+#[tokio::test]
+async fn deleting_a_stream_ends_its_sse_readers() {
+    let s = Server::start().await;
+    let o1 = s.put("s", &[TEXT], "data").await.next_offset();
+    let mut sse = s.sse(&format!("s?offset={o1}&live=sse")).await;
+    sse.read_until(PROMPT, |e| controls(e) == 1).await;
+    assert_eq!(s.delete("s").await.status, 204);
+    let events = sse.read_to_end(PROMPT).await;
+    assert!(sse.ended, "the reader outlived its stream: {events:?}");
+    assert_eq!(kinds(&events), ["control"]);
+}
+
+#[tokio::test]
+async fn sse_readers_get_every_append_in_order_binary_as_base64() {
+    use base64::Engine;
+    let s = Server::start().await;
+    let binary = ("content-type", "application/octet-stream");
+    let o1 = s.put("b", &[binary], vec![0u8, 1]).await.next_offset();
+    let mut sse = s.sse(&format!("b?offset={o1}&live=sse")).await;
+    sse.read_until(PROMPT, |e| controls(e) == 1).await;
+    let mut tail = o1;
+    for byte in 2u8..6 {
+        tail = s
+            .post("b", &[binary], vec![byte, b'\n'])
+            .await
+            .next_offset();
+    }
+    let events = sse
+        .read_until(PROMPT, |e| {
+            e.last().is_some_and(|e| {
+                e.kind == "control" && e.control()["streamNextOffset"] == json!(tail)
+            })
+        })
+        .await;
+    let mut bytes = Vec::new();
+    for event in events.iter().filter(|e| e.kind == "data") {
+        bytes.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(&event.data)
+                .unwrap(),
+        );
+    }
+    assert_eq!(bytes, [2, b'\n', 3, b'\n', 4, b'\n', 5, b'\n']);
+}
+
 // ---------------------------------------------------------------------------
 // Strict integers in Stream-TTL and producer headers.
 
