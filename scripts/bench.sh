@@ -290,7 +290,7 @@ done
 
 step "medians of $runs runs (results: $results)"
 jq -s -r '
-  def median: sort | if length == 0 then null
+  def median: map(select(. != null)) | sort | if length == 0 then null
     elif length % 2 == 1 then .[length / 2 | floor]
     else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   def r(n): if . == null then "-" else (. * pow(10; n) | round) / pow(10; n) | tostring end;
