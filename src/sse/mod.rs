@@ -10,6 +10,13 @@
 //! tail it waits on the inner service's [`TailWait`](crate::live::TailWait)
 //! and reads again.
 //!
+//! Over [`DurableStreamsService`](crate::DurableStreamsService), only the
+//! first read is a request: the service hands the layer a way to read on
+//! from its storage, so a wake-up costs each subscriber one storage read,
+//! not a request parsed and a response formatted. Middleware between the
+//! layer and the service therefore sees the first read alone. Over any
+//! other service, every read is a request through it.
+//!
 //! - Text (`text/*`) and JSON streams send their data as text. Every CR, LF
 //!   and CRLF in a payload starts a new `data:` line, so no payload can end
 //!   an event or inject one.
