@@ -22,7 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_durable_streams::storage::{
-    FileStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
+    FileStorage, PostgresStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
 use tower_durable_streams::{
     subscription::Subscriptions, CacheControlLayer, DurableStreamsService, LongPollLayer,
@@ -69,6 +69,16 @@ struct ServeArgs {
     /// The directory of file storage.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
+    /// The database of PostgreSQL storage, such as
+    /// `postgres://user@host:5432/db`; nodes sharing it share streams.
+    #[arg(long, required_if_eq("storage", "postgres"))]
+    database_url: Option<String>,
+    /// The schema of PostgreSQL storage, created if missing.
+    #[arg(long, default_value = "public")]
+    database_schema: String,
+    /// The most database connections of PostgreSQL storage.
+    #[arg(long, default_value_t = 16)]
+    database_pool_size: usize,
     /// When a write to file storage is acknowledged: `fsync` (survives power
     /// loss) or `write` (survives a crash of the process only).
     #[arg(long, value_enum, default_value_t = SyncArg::Fsync)]
@@ -102,6 +112,9 @@ enum Storage {
     File,
     /// In memory: fast, and gone when the process ends.
     Memory,
+    /// In PostgreSQL at `--database-url`: durable, shared by every server
+    /// node that uses the same database and schema.
+    Postgres,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -147,6 +160,18 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
                 SyncArg::Write => SyncMode::Write,
             };
             let storage = FileStorage::builder().sync(sync).open(&args.data_dir)?;
+            run(args, storage).await
+        }
+        Storage::Postgres => {
+            let url = args
+                .database_url
+                .clone()
+                .ok_or("--storage postgres needs --database-url")?;
+            let storage = PostgresStorage::builder(url)
+                .schema(&args.database_schema)
+                .pool_size(args.database_pool_size)
+                .connect()
+                .await?;
             run(args, storage).await
         }
     }

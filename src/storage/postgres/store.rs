@@ -1,0 +1,800 @@
+//! The storage operations, each a few statements against the tables.
+//!
+//! Appends are optimistic: the stream's row and the claiming producer's
+//! state are read, [`rules::plan_append`] decides, and one statement writes
+//! the records, the new tail and writer state, and the producer's state,
+//! provided the row's `version` is still the one read. When another writer
+//! got there first, the append decides again. Creates and deletes, which
+//! touch several streams' rows (a fork source's reference count, a deleted
+//! chain), lock them in a transaction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use deadpool_postgres::{GenericClient, Pool, Transaction};
+
+use super::error::{db, is_unique_violation, pool};
+use super::read::{chain, scan, Limit, Preloaded};
+use super::row::{columns, expiry_columns, micros, StreamRow, COLUMNS};
+use super::wake::{tail_wait, Waiters, WakeChannel};
+use crate::offset::{Offset, ReadFrom};
+use crate::storage::rules::{self, AppendPlan, WriterState};
+use crate::storage::{
+    Append, AppendOutcome, Appended, Create, Listed, Read, ReadResult, StreamError,
+    StreamErrorKind, StreamInfo,
+};
+
+/// How many times an operation that lost a race to another writer is tried
+/// again before the client is asked to retry.
+const ATTEMPTS: usize = 64;
+
+/// Sliding-TTL renewals not yet written, by stream id: microseconds since
+/// the epoch.
+pub(super) type Touches = Arc<Mutex<HashMap<i64, i64>>>;
+
+/// What every operation needs.
+pub(super) struct Store {
+    pub(super) pool: Pool,
+    pub(super) waiters: Arc<Waiters>,
+    pub(super) channel: Box<dyn WakeChannel>,
+    pub(super) touches: Touches,
+    pub(super) recheck: Duration,
+}
+
+/// Why an attempt at an operation ended.
+enum Failed {
+    /// Give the client this answer.
+    Answer(StreamError),
+    /// Another writer changed what the attempt read: try again.
+    Raced,
+}
+
+impl From<StreamError> for Failed {
+    fn from(e: StreamError) -> Self {
+        Failed::Answer(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(e: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        let raced = is_unique_violation(&e)
+            || matches!(
+                e.code(),
+                Some(&SqlState::T_R_SERIALIZATION_FAILURE | &SqlState::T_R_DEADLOCK_DETECTED)
+            );
+        if raced {
+            Failed::Raced
+        } else {
+            Failed::Answer(db(e))
+        }
+    }
+}
+
+fn contended() -> StreamError {
+    StreamError::new(
+        StreamErrorKind::Unavailable,
+        "too many concurrent writers, retry later",
+    )
+}
+
+impl Store {
+    async fn client(&self) -> Result<deadpool_postgres::Client, StreamError> {
+        self.pool.get().await.map_err(pool)
+    }
+
+    fn local_touch(&self, id: i64) -> Option<i64> {
+        self.touches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
+    /// Renews a sliding TTL in memory; the flusher writes it within a
+    /// second, so reads do not each cost a write.
+    fn touch(&self, stream: &StreamRow, now: SystemTime) {
+        if matches!(stream.expiry, crate::stream::Expiry::Ttl(_)) {
+            let now = micros(now);
+            let mut touches = self.touches.lock().unwrap_or_else(PoisonError::into_inner);
+            let at = touches.entry(stream.id).or_insert(now);
+            *at = (*at).max(now);
+        }
+    }
+
+    pub(super) fn is_expired(&self, stream: &StreamRow, now: SystemTime) -> bool {
+        stream.expired(self.local_touch(stream.id), now)
+    }
+
+    /// Wakes readers of `ids` here and on other nodes.
+    fn changed(&self, ids: &[i64]) {
+        for &id in ids {
+            self.waiters.wake(id as u64);
+            self.channel.publish(id as u64);
+        }
+    }
+
+    /// The stream at `path`, read without a lock.
+    async fn find(
+        &self,
+        client: &impl GenericClient,
+        path: &str,
+    ) -> Result<Option<StreamRow>, StreamError> {
+        let sql = format!("SELECT {COLUMNS} FROM ds_streams s WHERE s.path = $1");
+        let statement = client.prepare_cached(&sql).await.map_err(db)?;
+        let row = client.query_opt(&statement, &[&path]).await.map_err(db)?;
+        row.as_ref().map(StreamRow::parse).transpose()
+    }
+
+    /// Deletes the stream at `path` if it has expired at `now`.
+    pub(super) async fn expire(&self, path: &str, now: SystemTime) -> Result<(), StreamError> {
+        for _ in 0..ATTEMPTS {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(db)?;
+            let changed = match locked(&tx, path).await? {
+                Some(stream) if self.is_expired(&stream, now) => {
+                    tracing::debug!(stream = %path, "stream expired");
+                    match delete_locked(&tx, stream).await {
+                        Ok(changed) => changed,
+                        Err(Failed::Raced) => continue,
+                        Err(Failed::Answer(e)) => return Err(e),
+                    }
+                }
+                _ => return Ok(()),
+            };
+            match tx.commit().await.map_err(Failed::from) {
+                Ok(()) => {}
+                Err(Failed::Raced) => continue,
+                Err(Failed::Answer(e)) => return Err(e),
+            }
+            self.changed(&changed);
+            return Ok(());
+        }
+        Err(contended())
+    }
+
+    pub(super) async fn create(&self, create: Create) -> Result<(bool, StreamInfo), StreamError> {
+        for _ in 0..ATTEMPTS {
+            match self.try_create(create.clone()).await {
+                Ok(done) => return Ok(done),
+                Err(Failed::Answer(e)) => return Err(e),
+                Err(Failed::Raced) => continue,
+            }
+        }
+        Err(contended())
+    }
+
+    async fn try_create(&self, create: Create) -> Result<(bool, StreamInfo), Failed> {
+        let now = create.now;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut changed = Vec::new();
+
+        let mut existing = locked(&tx, &create.path).await?;
+        if let Some(stream) = existing.take_if(|s| self.is_expired(s, now)) {
+            changed.extend(delete_locked(&tx, stream).await?);
+            existing = locked(&tx, &create.path).await?;
+        }
+        if let Some(stream) = existing {
+            tx.rollback().await?;
+            self.changed(&changed);
+            if stream.deleted {
+                return Err(
+                    StreamError::conflict("stream was deleted and is kept for its forks").into(),
+                );
+            }
+            return if rules::same_config(&stream.existing(), &create.config) {
+                Ok((false, stream.info()))
+            } else {
+                Err(StreamError::conflict("stream exists with a different configuration").into())
+            };
+        }
+
+        let Create {
+            path, config, body, ..
+        } = create;
+        let (content_type, expiry, fork, base, mut records) = match &config.fork {
+            None => (
+                config.content_type.clone().unwrap_or_default(),
+                config.expiry,
+                None,
+                Offset::ZERO,
+                Vec::new(),
+            ),
+            Some(request) => {
+                let mut source = locked(&tx, &request.source).await?;
+                if let Some(stream) = source.take_if(|s| self.is_expired(s, now)) {
+                    changed.extend(delete_locked(&tx, stream).await?);
+                    source = locked(&tx, &request.source).await?;
+                }
+                let source = match source {
+                    None => {
+                        return Err(StreamError::new(
+                            StreamErrorKind::NotFound,
+                            "fork source not found",
+                        )
+                        .into())
+                    }
+                    Some(s) if s.deleted => {
+                        return Err(StreamError::conflict("fork source was deleted").into())
+                    }
+                    Some(s) => s,
+                };
+                let content_type = match &config.content_type {
+                    Some(ct) if !ct.matches(&source.content_type) => {
+                        return Err(StreamError::new(
+                            StreamErrorKind::ContentTypeMismatch,
+                            "content type does not match the fork source's",
+                        )
+                        .into())
+                    }
+                    _ => source.content_type.clone(),
+                };
+                let json = content_type.is_json();
+                let view = preload(&tx, &source, json, request).await?;
+                let resolved = rules::resolve_fork(&view, json, request)?;
+                (
+                    content_type,
+                    rules::fork_expiry(source.expiry, config.expiry),
+                    Some((resolved.point, source.id)),
+                    resolved.base,
+                    resolved.prefix.into_iter().collect::<Vec<_>>(),
+                )
+            }
+        };
+        records.extend(
+            rules::records(&content_type, body, true).map_err(|b| StreamError::invalid(b.0))?,
+        );
+        let tail = records
+            .iter()
+            .try_fold(base, |at, r| at.after_record(r.len()))
+            .ok_or_else(|| StreamError::new(StreamErrorKind::Full, "stream is full"))?;
+
+        let (ttl, expires_secs, expires_nanos) = expiry_columns(expiry)?;
+        let (fork_source, anchor, sub, source_id) = match &fork {
+            Some((point, source)) => {
+                let sub = i64::try_from(point.sub_offset)
+                    .map_err(|_| StreamError::invalid("fork sub-offset is too large"))?;
+                (
+                    Some(point.source.clone()),
+                    Some(columns(point.anchor)),
+                    Some(sub),
+                    Some(*source),
+                )
+            }
+            None => (None, None, None, None),
+        };
+        let (base_index, base_pos) = columns(base);
+        let (tail_index, tail_pos) = columns(tail);
+        let row = tx
+            .query_one(
+                "INSERT INTO ds_streams (id, path, content_type, ttl_secs, expires_secs,
+                     expires_nanos, touched_us, closed, fork_source, fork_anchor_index,
+                     fork_anchor_pos, fork_sub, source_id, base_index, base_pos, tail_index,
+                     tail_pos)
+                 VALUES (nextval('ds_stream_ids'), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                     $11, $12, $13, $14, $15, $16)
+                 RETURNING id",
+                &[
+                    &path,
+                    &content_type.as_str(),
+                    &ttl,
+                    &expires_secs,
+                    &expires_nanos,
+                    &micros(now),
+                    &config.closed,
+                    &fork_source,
+                    &anchor.map(|a| a.0),
+                    &anchor.map(|a| a.1),
+                    &sub,
+                    &source_id,
+                    &base_index,
+                    &base_pos,
+                    &tail_index,
+                    &tail_pos,
+                ],
+            )
+            .await?;
+        let id: i64 = row.get(0);
+        if !records.is_empty() {
+            let (lens, data) = pack(&records)?;
+            tx.execute(
+                "INSERT INTO ds_chunks (stream_id, start_index, start_pos, end_index, lens, data)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &base_index, &base_pos, &tail_index, &lens, &data],
+            )
+            .await?;
+        }
+        if let Some(source) = source_id {
+            tx.execute(
+                "UPDATE ds_streams SET forks = forks + 1, version = version + 1 WHERE id = $1",
+                &[&source],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.changed(&changed);
+        tracing::debug!(stream = %path, id, "stream created");
+        Ok((
+            true,
+            StreamInfo {
+                id: id as u64,
+                content_type,
+                tail,
+                closed: config.closed,
+                expiry,
+            },
+        ))
+    }
+
+    pub(super) async fn append(&self, append: Append) -> Result<Appended, StreamError> {
+        for _ in 0..ATTEMPTS {
+            match self.try_append(append.clone()).await {
+                Ok(done) => return Ok(done),
+                Err(Failed::Answer(e)) => return Err(e),
+                Err(Failed::Raced) => continue,
+            }
+        }
+        Err(contended())
+    }
+
+    async fn try_append(&self, append: Append) -> Result<Appended, Failed> {
+        let now = append.now;
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {COLUMNS}, p.epoch, p.last_seq FROM ds_streams s
+               LEFT JOIN ds_producers p ON p.stream_id = s.id AND p.producer = $2
+              WHERE s.path = $1"
+        );
+        let statement = client.prepare_cached(&sql).await?;
+        let producer_id = append.producer.as_ref().map(|p| p.id.as_str());
+        let Some(row) = client
+            .query_opt(&statement, &[&append.path, &producer_id])
+            .await?
+        else {
+            return Err(StreamError::not_found().into());
+        };
+        let stream = StreamRow::parse(&row)?;
+        if self.is_expired(&stream, now) {
+            drop(client);
+            self.expire(&stream.path, now).await?;
+            return Err(Failed::Raced);
+        }
+        if stream.deleted {
+            return Err(StreamError::gone().into());
+        }
+        let mut writer = WriterState {
+            closed: stream.closed,
+            stream_seq: stream.stream_seq.clone(),
+            producers: HashMap::new(),
+        };
+        if let (Some(id), Some(epoch), Some(last_seq)) = (
+            producer_id,
+            row.get::<_, Option<i64>>(21),
+            row.get::<_, Option<i64>>(22),
+        ) {
+            let state = crate::producer::ProducerState {
+                epoch: epoch as u64,
+                last_seq: last_seq as u64,
+            };
+            writer.producers.insert(id.to_owned(), state);
+        }
+        let plan = rules::plan_append(&stream.content_type, stream.tail, &writer, append)?;
+        let (records, producer, stream_seq, close) = match plan {
+            AppendPlan::Duplicate(producer) => {
+                return Ok(Appended {
+                    info: stream.info(),
+                    appended: false,
+                    outcome: AppendOutcome::Duplicate { producer },
+                })
+            }
+            AppendPlan::AlreadyClosed => {
+                return Ok(Appended {
+                    info: stream.info(),
+                    appended: false,
+                    outcome: AppendOutcome::AlreadyClosed,
+                })
+            }
+            AppendPlan::Write {
+                records,
+                producer,
+                stream_seq,
+                close,
+            } => (records, producer, stream_seq, close),
+        };
+        let tail = records
+            .iter()
+            .try_fold(stream.tail, |at, r| at.after_record(r.len()))
+            .ok_or_else(|| StreamError::new(StreamErrorKind::Full, "stream is full"))?;
+        let (lens, data) = pack(&records)?;
+        let (old_index, old_pos) = columns(stream.tail);
+        let (tail_index, tail_pos) = columns(tail);
+        let (producer_name, epoch, last_seq) = match &producer {
+            Some((id, state)) => (
+                Some(id.as_str()),
+                Some(state.epoch as i64),
+                Some(state.last_seq as i64),
+            ),
+            None => (None, None, None),
+        };
+        let rows_added = i32::from(!records.is_empty());
+        let statement = client
+            .prepare_cached(
+                "WITH upd AS (
+                    UPDATE ds_streams
+                       SET tail_index = $3, tail_pos = $4, closed = closed OR $5,
+                           stream_seq = coalesce($6, stream_seq),
+                           touched_us = greatest(touched_us, $7),
+                           version = version + 1, uncompacted = uncompacted + $8
+                     WHERE id = $1 AND version = $2
+                 RETURNING id
+                 ), ins AS (
+                    INSERT INTO ds_chunks (stream_id, start_index, start_pos, end_index, lens, data)
+                    SELECT id, $9, $10, $3, $11, $12 FROM upd WHERE $8 > 0
+                 ), producer AS (
+                    INSERT INTO ds_producers (stream_id, producer, epoch, last_seq)
+                    SELECT id, $13, $14, $15 FROM upd WHERE $13::text IS NOT NULL
+                    ON CONFLICT (stream_id, producer)
+                    DO UPDATE SET epoch = excluded.epoch, last_seq = excluded.last_seq
+                 )
+                 SELECT count(*) FROM upd",
+            )
+            .await?;
+        let written: i64 = client
+            .query_one(
+                &statement,
+                &[
+                    &stream.id,
+                    &stream.version,
+                    &tail_index,
+                    &tail_pos,
+                    &close,
+                    &stream_seq,
+                    &micros(now),
+                    &rows_added,
+                    &old_index,
+                    &old_pos,
+                    &lens,
+                    &data,
+                    &producer_name,
+                    &epoch,
+                    &last_seq,
+                ],
+            )
+            .await?
+            .get(0);
+        if written == 0 {
+            return Err(Failed::Raced);
+        }
+        self.changed(&[stream.id]);
+        Ok(Appended {
+            info: StreamInfo {
+                tail,
+                closed: stream.closed || close,
+                ..stream.info()
+            },
+            appended: !records.is_empty(),
+            outcome: AppendOutcome::Written {
+                producer: producer.map(|(_, state)| state),
+            },
+        })
+    }
+
+    pub(super) async fn read(&self, read: Read) -> Result<ReadResult, StreamError> {
+        for _ in 0..ATTEMPTS {
+            let client = self.client().await?;
+            let Some(stream) = self.find(&client, &read.path).await? else {
+                return Err(StreamError::not_found());
+            };
+            if self.is_expired(&stream, read.now) {
+                drop(client);
+                self.expire(&stream.path, read.now).await?;
+                continue;
+            }
+            if stream.deleted {
+                return Err(StreamError::gone());
+            }
+            return self.read_from(&client, stream, &read).await;
+        }
+        Err(contended())
+    }
+
+    async fn read_from(
+        &self,
+        client: &impl GenericClient,
+        stream: StreamRow,
+        read: &Read,
+    ) -> Result<ReadResult, StreamError> {
+        let info = stream.info();
+        let not_a_position = || StreamError::invalid("offset is not a position in this stream");
+        let start = match read.from {
+            ReadFrom::Start => Offset::ZERO,
+            ReadFrom::Now => info.tail,
+            ReadFrom::At(at) if at <= info.tail => at,
+            ReadFrom::At(_) => return Err(not_a_position()),
+        };
+        let found = if start < info.tail {
+            let segments =
+                chain(client, stream.id, stream.source_id, stream.base, info.tail).await?;
+            let limit = Limit {
+                bytes: read.max_bytes,
+                records: usize::MAX,
+                data: true,
+            };
+            let found = scan(client, &segments, start, limit).await?;
+            if found.is_empty() {
+                return Err(not_a_position());
+            }
+            found
+        } else {
+            Vec::new()
+        };
+        self.touch(&stream, read.now);
+        let next = found
+            .last()
+            .and_then(|f| f.start.after_record(f.len))
+            .unwrap_or(start);
+        let records: Vec<Bytes> = found.into_iter().filter_map(|f| f.data).collect();
+        let wait = if read.subscribe && !info.closed && records.is_empty() {
+            Some(self.wait(client, &stream).await?)
+        } else {
+            None
+        };
+        Ok(ReadResult {
+            info,
+            start,
+            next,
+            records,
+            wait,
+        })
+    }
+
+    /// A wait for the next change of `stream`, which was read at its tail.
+    async fn wait(
+        &self,
+        client: &impl GenericClient,
+        stream: &StreamRow,
+    ) -> Result<crate::live::TailWait, StreamError> {
+        let rx = self.waiters.subscribe(stream.id as u64);
+        // Subscribed after the tail was read: a change in between would be
+        // missed, so look again and wake at once if there was one.
+        let statement = client
+            .prepare_cached("SELECT version FROM ds_streams WHERE id = $1")
+            .await
+            .map_err(db)?;
+        let now = client
+            .query_opt(&statement, &[&stream.id])
+            .await
+            .map_err(db)?;
+        if now.map(|row| row.get::<_, i64>(0)) != Some(stream.version) {
+            return Ok(crate::live::TailWait::new(std::future::ready(())));
+        }
+        Ok(tail_wait(rx, self.recheck))
+    }
+
+    pub(super) async fn head(&self, path: &str) -> Result<StreamInfo, StreamError> {
+        let now = SystemTime::now();
+        for _ in 0..ATTEMPTS {
+            let client = self.client().await?;
+            let Some(stream) = self.find(&client, path).await? else {
+                return Err(StreamError::not_found());
+            };
+            if self.is_expired(&stream, now) {
+                drop(client);
+                self.expire(path, now).await?;
+                continue;
+            }
+            if stream.deleted {
+                return Err(StreamError::gone());
+            }
+            return Ok(stream.info());
+        }
+        Err(contended())
+    }
+
+    pub(super) async fn delete(&self, path: &str) -> Result<(), StreamError> {
+        let now = SystemTime::now();
+        for _ in 0..ATTEMPTS {
+            match self.try_delete(path, now).await {
+                Ok(()) => return Ok(()),
+                Err(Failed::Answer(e)) => return Err(e),
+                Err(Failed::Raced) => continue,
+            }
+        }
+        Err(contended())
+    }
+
+    async fn try_delete(&self, path: &str, now: SystemTime) -> Result<(), Failed> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let Some(stream) = locked(&tx, path).await? else {
+            return Err(StreamError::not_found().into());
+        };
+        let mut changed = Vec::new();
+        let stream = if self.is_expired(&stream, now) {
+            changed.extend(delete_locked(&tx, stream).await?);
+            match locked(&tx, path).await? {
+                Some(s) => s,
+                None => {
+                    tx.commit().await?;
+                    self.changed(&changed);
+                    return Err(StreamError::not_found().into());
+                }
+            }
+        } else {
+            stream
+        };
+        if stream.deleted {
+            tx.commit().await?;
+            self.changed(&changed);
+            return Err(StreamError::gone().into());
+        }
+        changed.extend(delete_locked(&tx, stream).await?);
+        tx.commit().await?;
+        self.changed(&changed);
+        Ok(())
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StreamError> {
+        let now = SystemTime::now();
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM ds_streams s
+              WHERE NOT s.deleted AND left(s.path, length($1)) = $1
+              ORDER BY s.path COLLATE \"C\""
+        );
+        let rows = client.query(&sql, &[&prefix]).await.map_err(db)?;
+        let mut listed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let stream = StreamRow::parse(row)?;
+            if !self.is_expired(&stream, now) {
+                listed.push(Listed {
+                    path: stream.path,
+                    tail: stream.tail,
+                });
+            }
+        }
+        Ok(listed)
+    }
+
+    pub(super) async fn set_meta(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<(), StreamError> {
+        let client = self.client().await?;
+        match value {
+            Some(value) => client
+                .execute(
+                    "INSERT INTO ds_meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    &[&key, &value.as_ref()],
+                )
+                .await
+                .map_err(db)?,
+            None => client
+                .execute("DELETE FROM ds_meta WHERE key = $1", &[&key])
+                .await
+                .map_err(db)?,
+        };
+        Ok(())
+    }
+
+    pub(super) async fn list_meta(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Bytes)>, StreamError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT key, value FROM ds_meta WHERE left(key, length($1)) = $1
+                  ORDER BY key COLLATE \"C\"",
+                &[&prefix],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), Bytes::from(row.get::<_, Vec<u8>>(1))))
+            .collect())
+    }
+}
+
+/// The stream at `path`, locked until the transaction ends.
+async fn locked(tx: &Transaction<'_>, path: &str) -> Result<Option<StreamRow>, StreamError> {
+    let sql = format!("SELECT {COLUMNS} FROM ds_streams s WHERE s.path = $1 FOR UPDATE");
+    let statement = tx.prepare_cached(&sql).await.map_err(db)?;
+    let row = tx.query_opt(&statement, &[&path]).await.map_err(db)?;
+    row.as_ref().map(StreamRow::parse).transpose()
+}
+
+/// Deletes a locked stream: softly while forks read from it, else with its
+/// records, releasing its source and removing every ancestor that was
+/// deleted and is no longer read. Returns the streams that changed.
+async fn delete_locked(tx: &Transaction<'_>, stream: StreamRow) -> Result<Vec<i64>, Failed> {
+    if stream.forks > 0 {
+        tx.execute(
+            "UPDATE ds_streams SET deleted = true, version = version + 1 WHERE id = $1",
+            &[&stream.id],
+        )
+        .await?;
+        return Ok(vec![stream.id]);
+    }
+    let mut removed = Vec::new();
+    let mut next = Some(stream.id);
+    while let Some(id) = next.take() {
+        tx.execute("DELETE FROM ds_chunks WHERE stream_id = $1", &[&id])
+            .await?;
+        tx.execute("DELETE FROM ds_producers WHERE stream_id = $1", &[&id])
+            .await?;
+        let source: Option<Option<i64>> = tx
+            .query_opt(
+                "DELETE FROM ds_streams WHERE id = $1 RETURNING source_id",
+                &[&id],
+            )
+            .await?
+            .map(|row| row.get(0));
+        removed.push(id);
+        if let Some(Some(source)) = source {
+            let released = tx
+                .query_opt(
+                    "UPDATE ds_streams SET forks = forks - 1, version = version + 1
+                      WHERE id = $1 RETURNING deleted AND forks <= 0",
+                    &[&source],
+                )
+                .await?;
+            if released.is_some_and(|row| row.get::<_, bool>(0)) {
+                next = Some(source);
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The source's records a fork request needs, fetched ahead of
+/// [`rules::resolve_fork`].
+async fn preload(
+    tx: &Transaction<'_>,
+    source: &StreamRow,
+    json: bool,
+    request: &crate::stream::ForkRequest,
+) -> Result<Preloaded, StreamError> {
+    let tail = source.tail;
+    let anchor = request.offset.unwrap_or(tail);
+    if anchor >= tail {
+        return Ok(Preloaded::new(tail, Vec::new()));
+    }
+    let left = tail.index() - anchor.index();
+    let limit = if json {
+        Limit {
+            bytes: usize::MAX,
+            records: usize::try_from(request.sub_offset.clamp(1, left)).unwrap_or(usize::MAX),
+            data: false,
+        }
+    } else {
+        Limit {
+            bytes: usize::MAX,
+            records: 1,
+            data: request.sub_offset > 0,
+        }
+    };
+    let segments = chain(tx, source.id, source.source_id, source.base, tail).await?;
+    let found = scan(tx, &segments, anchor, limit).await?;
+    Ok(Preloaded::new(tail, found))
+}
+
+/// Records as one chunk row: their lengths and their bytes end to end.
+fn pack(records: &[Bytes]) -> Result<(Vec<i32>, Vec<u8>), StreamError> {
+    let too_big = || StreamError::invalid("a record is larger than 2 GiB");
+    let lens = records
+        .iter()
+        .map(|r| i32::try_from(r.len()).map_err(|_| too_big()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut data = Vec::with_capacity(records.iter().map(Bytes::len).sum());
+    for record in records {
+        data.extend_from_slice(record);
+    }
+    Ok((lens, data))
+}
