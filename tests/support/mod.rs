@@ -143,7 +143,8 @@ impl Server {
         Self::over(MemoryStorage::new(), options).await
     }
 
-    async fn over<S>(storage: S, options: Options) -> Self
+    /// The stack the binary builds over `storage`.
+    pub async fn over<S>(storage: S, options: Options) -> Self
     where
         S: tower::Service<StorageRequest, Response = StorageResponse, Error = StreamError>
             + Clone

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tower_durable_streams::storage::{PostgresStorage, StreamErrorKind};
+use tower_durable_streams::storage::{PostgresStorage, PostgresStorageBuilder, StreamErrorKind};
 
 /// The database tests use when `DS_TEST_DATABASE_URL` is unset.
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -44,11 +44,18 @@ impl Schema {
     /// A storage in this schema, or `None` (with a message) when no
     /// PostgreSQL is reachable.
     pub async fn storage(&self) -> Option<PostgresStorage> {
-        match PostgresStorage::builder(&self.url)
-            .schema(&self.name)
-            .connect()
-            .await
-        {
+        self.connect(self.builder()).await
+    }
+
+    /// A builder for a storage in this schema.
+    pub fn builder(&self) -> PostgresStorageBuilder {
+        PostgresStorage::builder(&self.url).schema(&self.name)
+    }
+
+    /// Connects `builder`, or returns `None` (with a message) when no
+    /// PostgreSQL is reachable.
+    pub async fn connect(&self, builder: PostgresStorageBuilder) -> Option<PostgresStorage> {
+        match builder.connect().await {
             Ok(storage) => Some(storage),
             Err(e) if e.kind() == &StreamErrorKind::Unavailable => {
                 eprintln!(
@@ -59,6 +66,27 @@ impl Schema {
             }
             Err(e) => panic!("PostgreSQL storage failed to start: {e}"),
         }
+    }
+
+    /// The first column of the first row of `sql`, a bigint, run in this
+    /// schema on a connection of its own.
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to PostgreSQL");
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("SET search_path TO \"{}\"", self.name))
+            .await
+            .expect("set the schema");
+        let value = client
+            .query_one(sql, &[])
+            .await
+            .expect("the query runs")
+            .get(0);
+        drop(client);
+        let _ = driver.await;
+        value
     }
 
     /// Runs `sql` on a connection of its own.
