@@ -163,15 +163,20 @@ async fn a_reader_on_one_node_is_woken_by_an_append_on_another() {
     assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
 }
 
-/// Writers on many connections appending to one stream, and to a stream
-/// each: every acknowledged append is there once, in the order of its
-/// offset, and the rate is printed.
+/// Writers on two nodes appending to one stream, and to a stream each:
+/// every acknowledged append is there once, in the order of its offset,
+/// and the rate is printed. On one stream the nodes race, and each append
+/// that lost decides again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_each_stored_once() {
     let schema = Schema::new();
     let Some(storage) = schema.connect(schema.builder().pool_size(16)).await else {
         return;
     };
+    let other_node = schema
+        .connect(schema.builder().pool_size(16))
+        .await
+        .expect("second node");
     for shared in [true, false] {
         let writers = 16;
         let paths: Vec<String> = (0..writers)
@@ -190,7 +195,7 @@ async fn concurrent_appends_are_each_stored_once() {
         let run_for = Duration::from_secs(2);
         let tasks: Vec<JoinHandle<Vec<(Offset, String)>>> = (0..writers)
             .map(|w| {
-                let storage = storage.clone();
+                let storage = if w % 2 == 0 { &storage } else { &other_node }.clone();
                 let path = paths[w].clone();
                 tokio::spawn(async move {
                     let mut acked = Vec::new();
@@ -213,7 +218,7 @@ async fn concurrent_appends_are_each_stored_once() {
         }
         let elapsed = started.elapsed();
         eprintln!(
-            "{} writers, {}: {} appends in {:.2} s = {:.0} appends/s",
+            "{} writers on two nodes, {}: {} appends in {:.2} s = {:.0} appends/s",
             writers,
             if shared {
                 "one stream"

@@ -264,6 +264,7 @@ impl PostgresStorageBuilder {
             channel: Box::new(channel),
             touches: Arc::new(Mutex::new(HashMap::new())),
             recheck: self.recheck,
+            appending: Mutex::new(HashMap::new()),
         });
         let maintenance = tokio::spawn(maintenance::run(Arc::downgrade(&store)));
         tracing::debug!(schema = %self.schema, node, "PostgreSQL storage ready");

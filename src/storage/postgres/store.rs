@@ -9,7 +9,7 @@
 //! chain), lock them in a transaction.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -41,6 +41,10 @@ pub(super) struct Store {
     pub(super) channel: Box<dyn WakeChannel>,
     pub(super) touches: Touches,
     pub(super) recheck: Duration,
+    /// One lock per stream being appended to on this node, so that this
+    /// node's writers to one stream queue instead of racing each other;
+    /// only writers on other nodes can make an append decide again.
+    pub(super) appending: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
 }
 
 /// Why an attempt at an operation ended.
@@ -329,7 +333,26 @@ impl Store {
         ))
     }
 
+    /// The lock this node's appends to `path` take.
+    fn append_lock(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .appending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(lock) = locks.get(path).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if locks.len() >= 64 && locks.len().is_power_of_two() {
+            locks.retain(|_, lock| lock.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(path.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+
     pub(super) async fn append(&self, append: Append) -> Result<Appended, StreamError> {
+        let lock = self.append_lock(&append.path);
+        let _queued = lock.lock().await;
         for _ in 0..ATTEMPTS {
             match self.try_append(append.clone()).await {
                 Ok(done) => return Ok(done),
