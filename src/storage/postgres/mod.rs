@@ -205,9 +205,11 @@ impl PostgresStorageBuilder {
             .application_name(format!("durable-streams/{}", self.schema));
 
         let unavailable = |what: &str, e: tokio_postgres::Error| {
+            let cause =
+                std::error::Error::source(&e).map_or_else(String::new, |c| format!(": {c}"));
             StreamError::with_source(
                 StreamErrorKind::Unavailable,
-                format!("database unavailable: {what}: {e}"),
+                format!("database unavailable: {what}: {e}{cause}"),
                 e,
             )
         };
