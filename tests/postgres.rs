@@ -504,3 +504,50 @@ async fn small_appends_are_merged_into_few_rows() {
         .await;
     assert_eq!(response.unwrap_err().kind(), &StreamErrorKind::Invalid);
 }
+
+/// Text PostgreSQL cannot store is refused as invalid, not as a failure.
+#[tokio::test]
+async fn paths_the_database_cannot_store_are_invalid() {
+    let schema = Schema::new();
+    let Some(storage) = schema.storage().await else {
+        return;
+    };
+    // Hex digits of a simple generator: long, and not compressible.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let long: String = (0..12_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from_digit((x % 16) as u32, 16).expect("a hex digit")
+        })
+        .collect();
+    for path in ["nul\0inside".to_owned(), long] {
+        let create = Create {
+            path: path.clone(),
+            config: StreamConfig {
+                content_type: text(),
+                ..StreamConfig::default()
+            },
+            body: Bytes::new(),
+            now: SystemTime::now(),
+        };
+        let refused = storage
+            .clone()
+            .oneshot(StorageRequest::Create(create))
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.kind(), &StreamErrorKind::Invalid, "{refused}");
+        let read = storage
+            .clone()
+            .oneshot(read(&path, ReadFrom::Start, 10))
+            .await;
+        assert!(
+            matches!(
+                read.as_ref().map_err(|e| e.kind()),
+                Err(StreamErrorKind::Invalid | StreamErrorKind::NotFound)
+            ),
+            "{read:?}"
+        );
+    }
+}

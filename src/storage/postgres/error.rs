@@ -4,8 +4,26 @@ use tokio_postgres::error::SqlState;
 
 use crate::storage::{StreamError, StreamErrorKind};
 
-/// A failure of the database or of the way to it.
+/// A failure of the database or of the way to it, or a request the
+/// database cannot store.
 pub(super) fn db(error: tokio_postgres::Error) -> StreamError {
+    let code = error.code();
+    if code == Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE)
+        || code == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
+    {
+        return StreamError::with_source(
+            StreamErrorKind::Invalid,
+            "text with a NUL character cannot be stored",
+            error,
+        );
+    }
+    if code == Some(&SqlState::PROGRAM_LIMIT_EXCEEDED) {
+        return StreamError::with_source(
+            StreamErrorKind::Invalid,
+            "path or producer id too long to store (keep it under 2,000 bytes)",
+            error,
+        );
+    }
     if unreachable(&error) {
         tracing::warn!(error = %error, "database unavailable");
         return StreamError::with_source(
