@@ -551,3 +551,125 @@ async fn paths_the_database_cannot_store_are_invalid() {
         );
     }
 }
+
+/// Two `durable-streams serve --storage postgres` processes on one schema:
+/// a long-poll on B is answered by an append on A well before B's own
+/// one-second re-check.
+#[cfg(feature = "server")]
+#[tokio::test]
+async fn two_server_processes_share_streams_and_wake_each_other() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use std::process::{Child, Command, Stdio};
+
+    struct Running(Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let schema = Schema::new();
+    if schema.storage().await.is_none() {
+        return;
+    }
+    let start = |port: u16| {
+        Running(
+            Command::new(env!("CARGO_BIN_EXE_durable-streams"))
+                .args([
+                    "serve",
+                    "--storage",
+                    "postgres",
+                    "--long-poll-timeout",
+                    "10s",
+                ])
+                .args([
+                    "--database-url",
+                    &schema.url,
+                    "--database-schema",
+                    &schema.name,
+                ])
+                .args(["--addr", &format!("127.0.0.1:{port}")])
+                .env("RUST_LOG", "error")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the server binary"),
+        )
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let _a = start(port_a);
+    let _b = start(port_b);
+    for port in [port_a, port_b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "server on {port} did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let send = |method: &str, port: u16, query: &str, body: &'static str| {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{port}/v1/stream/shared{query}"))
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("a request");
+        let client = client.clone();
+        async move {
+            let response = client.request(request).await.expect("a response");
+            let status = response.status();
+            let next = response
+                .headers()
+                .get("stream-next-offset")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("a body")
+                .to_bytes();
+            (status, next, body)
+        }
+    };
+
+    let (status, next, _) = send("PUT", port_a, "", "").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut offset = next.expect("an offset");
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let poll = tokio::spawn(send(
+            "GET",
+            port_b,
+            &format!("?offset={offset}&live=long-poll"),
+            "",
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = Instant::now();
+        let (status, _, _) = send("POST", port_a, "", "hello").await;
+        assert!(status.is_success());
+        let (status, next, body) = poll.await.expect("the long-poll");
+        latencies.push(sent.elapsed());
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+        offset = next.expect("an offset");
+    }
+    latencies.sort_unstable();
+    let max = latencies[latencies.len() - 1];
+    eprintln!(
+        "two processes: append on A to long-poll answer on B, p50 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 50).as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
+    assert!(max < Duration::from_millis(500), "{latencies:?}");
+}
