@@ -11,7 +11,7 @@
 //!   [`LongPollLayer`] and [`SseLayer`];
 //! - the [storage contract](storage), itself a `Service`, and
 //!   [`MemoryStorage`];
-//! - with the `client` feature, a [client](client) with resumable readers
+//! - with the `client` feature, a [client] with resumable readers
 //!   and idempotent producers;
 //! - with the `server` feature, the `durable-streams` binary.
 //!

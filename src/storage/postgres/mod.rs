@@ -30,7 +30,7 @@
 //!   next touched, or by a periodic sweep.
 //!
 //! When the database cannot be reached, requests fail with
-//! [`StreamErrorKind::Unavailable`](super::StreamErrorKind::Unavailable)
+//! [`StreamErrorKind::Unavailable`]
 //! (`503 Service Unavailable`) and nothing is half written, since every
 //! change commits as one transaction; the pool reconnects when the database
 //! is back.
