@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::error::db;
 use super::row::{StreamRow, COLUMNS};
-use super::store::Store;
+use super::store::{Store, COMPACT_AFTER};
 use crate::storage::StreamError;
 
 /// A row smaller than this is merged with its neighbours.
@@ -35,7 +35,7 @@ pub(super) async fn run(store: Weak<Store>) {
         if let Err(e) = flush_touches(&store).await {
             tracing::debug!(error = %e, "TTL renewals not written yet");
         }
-        if let Err(e) = compact(&store).await {
+        if let Err(e) = compact(&store, ticks == 1).await {
             tracing::debug!(error = %e, "compaction skipped");
         }
         if ticks.is_multiple_of(SWEEP_EVERY) {
@@ -77,22 +77,44 @@ pub(super) async fn flush_touches(store: &Store) -> Result<(), StreamError> {
     Ok(())
 }
 
-/// Merges runs of small rows of the streams that gained many.
-pub(super) async fn compact(store: &Store) -> Result<(), StreamError> {
-    let client = store.pool.get().await.map_err(super::error::pool)?;
-    let ids: Vec<i64> = client
-        .query(
-            "SELECT id FROM ds_streams WHERE uncompacted >= 16 LIMIT 64",
-            &[],
-        )
-        .await
-        .map_err(db)?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    drop(client);
-    for id in ids {
-        compact_stream(store, id).await?;
+/// Merges runs of small rows of the streams this node appended many rows
+/// to; at start-up, of every stream that gained many, whichever node
+/// appended them (it may have stopped before merging).
+pub(super) async fn compact(store: &Store, everything: bool) -> Result<(), StreamError> {
+    let mut ids: Vec<i64> = std::mem::take(
+        &mut *store
+            .to_compact
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    )
+    .into_iter()
+    .collect();
+    if everything {
+        let client = store.pool.get().await.map_err(super::error::pool)?;
+        ids.extend(
+            client
+                .query(
+                    "SELECT id FROM ds_streams WHERE uncompacted >= $1",
+                    &[&COMPACT_AFTER],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| row.get::<_, i64>(0)),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for (i, id) in ids.iter().enumerate() {
+        if let Err(e) = compact_stream(store, *id).await {
+            // Try the rest again next time.
+            store
+                .to_compact
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(&ids[i..]);
+            return Err(e);
+        }
     }
     Ok(())
 }

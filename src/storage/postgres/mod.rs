@@ -61,7 +61,7 @@ mod schema;
 mod store;
 mod wake;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -267,6 +267,7 @@ impl PostgresStorageBuilder {
             touches: Arc::new(Mutex::new(HashMap::new())),
             recheck: self.recheck,
             appending: Mutex::new(HashMap::new()),
+            to_compact: Mutex::new(HashSet::new()),
         });
         let maintenance = tokio::spawn(maintenance::run(Arc::downgrade(&store)));
         tracing::debug!(schema = %self.schema, node, "PostgreSQL storage ready");

@@ -36,10 +36,11 @@ CREATE TABLE ds_streams (
     -- Bumped by every change; an append applies only if it is unchanged
     -- since the append read the row.
     version bigint NOT NULL DEFAULT 0,
-    -- Rows appended since the compactor last looked at the stream.
+    -- Rows appended since the compactor last looked at the stream. Not
+    -- indexed, and pages keep room, so that an append's update of the
+    -- row is a heap-only (HOT) update that touches no index.
     uncompacted integer NOT NULL DEFAULT 0
-);
-CREATE INDEX ds_streams_to_compact ON ds_streams (id) WHERE uncompacted >= 16;
+) WITH (fillfactor = 80);
 CREATE INDEX ds_streams_expiring ON ds_streams (id)
     WHERE NOT deleted AND (ttl_secs IS NOT NULL OR expires_secs IS NOT NULL);
 

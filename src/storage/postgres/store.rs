@@ -8,7 +8,7 @@
 //! touch several streams' rows (a fork source's reference count, a deleted
 //! chain), lock them in a transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -45,7 +45,12 @@ pub(super) struct Store {
     /// node's writers to one stream queue instead of racing each other;
     /// only writers on other nodes can make an append decide again.
     pub(super) appending: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// Streams this node appended many rows to since they were merged.
+    pub(super) to_compact: Mutex<HashSet<i64>>,
 }
+
+/// After this many rows appended to a stream, its small rows are merged.
+pub(super) const COMPACT_AFTER: i32 = 16;
 
 /// Why an attempt at an operation ended.
 enum Failed {
@@ -452,7 +457,7 @@ impl Store {
                            touched_us = greatest(touched_us, $7),
                            version = version + 1, uncompacted = uncompacted + $8
                      WHERE id = $1 AND version = $2
-                 RETURNING id
+                 RETURNING id, uncompacted
                  ), ins AS (
                     INSERT INTO ds_chunks (stream_id, start_index, start_pos, end_index, lens, data)
                     SELECT id, $9, $10, $3, $11, $12 FROM upd WHERE $8 > 0
@@ -462,11 +467,11 @@ impl Store {
                     ON CONFLICT (stream_id, producer)
                     DO UPDATE SET epoch = excluded.epoch, last_seq = excluded.last_seq
                  )
-                 SELECT count(*) FROM upd",
+                 SELECT uncompacted FROM upd",
             )
             .await?;
-        let written: i64 = client
-            .query_one(
+        let written = client
+            .query_opt(
                 &statement,
                 &[
                     &stream.id,
@@ -486,10 +491,15 @@ impl Store {
                     &last_seq,
                 ],
             )
-            .await?
-            .get(0);
-        if written == 0 {
+            .await?;
+        let Some(uncompacted) = written.map(|row| row.get::<_, i32>(0)) else {
             return Err(Failed::Raced);
+        };
+        if rows_added > 0 && uncompacted % COMPACT_AFTER == 0 {
+            self.to_compact
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(stream.id);
         }
         self.changed(&[stream.id]);
         Ok(Appended {
