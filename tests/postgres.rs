@@ -553,8 +553,8 @@ async fn paths_the_database_cannot_store_are_invalid() {
 }
 
 /// Two `durable-streams serve --storage postgres` processes on one schema:
-/// a long-poll on B is answered by an append on A well before B's own
-/// one-second re-check.
+/// a long-poll on B is answered by an append on A though B re-checks only
+/// every 30 seconds, past the long-poll timeout.
 #[cfg(feature = "server")]
 #[tokio::test]
 async fn two_server_processes_share_streams_and_wake_each_other() {

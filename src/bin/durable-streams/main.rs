@@ -79,6 +79,14 @@ struct ServeArgs {
     /// The most database connections of PostgreSQL storage.
     #[arg(long, default_value_t = 16)]
     database_pool_size: usize,
+    /// How long PostgreSQL storage waits to connect (or for a free
+    /// connection) before a request gets 503.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    database_connect_timeout: Duration,
+    /// The longest a reader at the tail waits on PostgreSQL storage before
+    /// it looks again, in case a wake-up from another node was lost.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    database_recheck_interval: Duration,
     /// When a write to file storage is acknowledged: `fsync` (survives power
     /// loss) or `write` (survives a crash of the process only).
     #[arg(long, value_enum, default_value_t = SyncArg::Fsync)]
@@ -170,6 +178,8 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
             let storage = PostgresStorage::builder(url)
                 .schema(&args.database_schema)
                 .pool_size(args.database_pool_size)
+                .connect_timeout(args.database_connect_timeout)
+                .recheck_interval(args.database_recheck_interval)
                 .connect()
                 .await?;
             run(args, storage).await
