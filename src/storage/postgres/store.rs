@@ -9,7 +9,7 @@
 //! chain), lock them in a transaction.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -41,16 +41,37 @@ pub(super) struct Store {
     pub(super) channel: Box<dyn WakeChannel>,
     pub(super) touches: Touches,
     pub(super) recheck: Duration,
-    /// One lock per stream being appended to on this node, so that this
-    /// node's writers to one stream queue instead of racing each other;
-    /// only writers on other nodes can make an append decide again.
-    pub(super) appending: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    /// One slot per stream appended to on this node, so that this node's
+    /// writers to one stream queue instead of racing each other (only
+    /// writers on other nodes can make an append decide again), holding
+    /// the row the last append left.
+    pub(super) appending: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
     /// Streams this node appended many rows to since they were merged.
     pub(super) to_compact: Mutex<HashSet<i64>>,
 }
 
 /// After this many rows appended to a stream, its small rows are merged.
 pub(super) const COMPACT_AFTER: i32 = 16;
+
+/// A stream's row and writer state as this node's last append to it left
+/// them: the next append decides on it without reading the row again.
+pub(super) struct Cached {
+    stream: StreamRow,
+    writer: WriterState,
+}
+
+impl Cached {
+    /// Whether `append` can be decided on this: the stream looks alive, and
+    /// the claiming producer, if any, is known.
+    fn usable(&self, store: &Store, append: &Append) -> bool {
+        !self.stream.deleted
+            && !store.is_expired(&self.stream, append.now)
+            && append
+                .producer
+                .as_ref()
+                .is_none_or(|claim| self.writer.producers.contains_key(&claim.id))
+    }
+}
 
 /// Why an attempt at an operation ended.
 enum Failed {
@@ -338,29 +359,40 @@ impl Store {
         ))
     }
 
-    /// The lock this node's appends to `path` take.
-    fn append_lock(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
+    /// The slot this node's appends to `path` queue on, with what the last
+    /// of them left.
+    fn append_slot(&self, path: &str) -> Arc<tokio::sync::Mutex<Option<Cached>>> {
+        let mut slots = self
             .appending
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(lock) = locks.get(path).and_then(Weak::upgrade) {
-            return lock;
+        if let Some(slot) = slots.get(path) {
+            return slot.clone();
         }
-        if locks.len() >= 64 && locks.len().is_power_of_two() {
-            locks.retain(|_, lock| lock.strong_count() > 0);
+        if slots.len() >= 4096 {
+            // Forget the streams no append is using now.
+            slots.retain(|_, slot| Arc::strong_count(slot) > 1);
         }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        locks.insert(path.to_owned(), Arc::downgrade(&lock));
-        lock
+        let slot = Arc::new(tokio::sync::Mutex::new(None));
+        slots.insert(path.to_owned(), slot.clone());
+        slot
     }
 
+    /// Appends. This node's appends to one stream queue on its slot, and
+    /// while no other node writes to it each needs one round trip: it is
+    /// decided on the row the previous one left, and the write's version
+    /// guard catches any change made elsewhere, after which the row is read
+    /// again.
     pub(super) async fn append(&self, append: Append) -> Result<Appended, StreamError> {
-        let lock = self.append_lock(&append.path);
-        let _queued = lock.lock().await;
+        let slot = self.append_slot(&append.path);
+        let mut cached = slot.lock().await;
         for _ in 0..ATTEMPTS {
-            match self.try_append(append.clone()).await {
-                Ok(done) => return Ok(done),
+            let usable = cached.take().filter(|c| c.usable(self, &append));
+            match self.try_append(append.clone(), usable).await {
+                Ok((done, left)) => {
+                    *cached = left;
+                    return Ok(done);
+                }
                 Err(Failed::Answer(e)) => return Err(e),
                 Err(Failed::Raced) => continue,
             }
@@ -368,9 +400,13 @@ impl Store {
         Err(contended())
     }
 
-    async fn try_append(&self, append: Append) -> Result<Appended, Failed> {
-        let now = append.now;
-        let client = self.client().await?;
+    /// The stream's row and the claiming producer's state, read now;
+    /// `None` when the stream has expired and must be deleted first.
+    async fn writer_state(
+        &self,
+        client: &deadpool_postgres::Client,
+        append: &Append,
+    ) -> Result<Option<(StreamRow, WriterState)>, Failed> {
         let sql = format!(
             "SELECT {COLUMNS}, p.epoch, p.last_seq FROM ds_streams s
                LEFT JOIN ds_producers p ON p.stream_id = s.id AND p.producer = $2
@@ -385,10 +421,8 @@ impl Store {
             return Err(StreamError::not_found().into());
         };
         let stream = StreamRow::parse(&row)?;
-        if self.is_expired(&stream, now) {
-            drop(client);
-            self.expire(&stream.path, now).await?;
-            return Err(Failed::Raced);
+        if self.is_expired(&stream, append.now) {
+            return Ok(None);
         }
         if stream.deleted {
             return Err(StreamError::gone().into());
@@ -409,28 +443,58 @@ impl Store {
             };
             writer.producers.insert(id.to_owned(), state);
         }
-        let plan = rules::plan_append(&stream.content_type, stream.tail, &writer, append)?;
-        let (records, producer, stream_seq, close) = match plan {
-            AppendPlan::Duplicate(producer) => {
-                return Ok(Appended {
-                    info: stream.info(),
-                    appended: false,
-                    outcome: AppendOutcome::Duplicate { producer },
-                })
-            }
-            AppendPlan::AlreadyClosed => {
-                return Ok(Appended {
-                    info: stream.info(),
-                    appended: false,
-                    outcome: AppendOutcome::AlreadyClosed,
-                })
-            }
-            AppendPlan::Write {
+        Ok(Some((stream, writer)))
+    }
+
+    /// One attempt at an append, decided on `cached` when given, else on
+    /// the row read now. Returns what the next append may start from.
+    async fn try_append(
+        &self,
+        append: Append,
+        cached: Option<Cached>,
+    ) -> Result<(Appended, Option<Cached>), Failed> {
+        let now = append.now;
+        let client = self.client().await?;
+        let from_cache = cached.is_some();
+        let (stream, mut writer) = match cached {
+            Some(c) => (c.stream, c.writer),
+            None => match self.writer_state(&client, &append).await? {
+                Some(found) => found,
+                None => {
+                    drop(client);
+                    self.expire(&append.path, now).await?;
+                    return Err(Failed::Raced);
+                }
+            },
+        };
+        // Only a write is checked by its version guard: any other answer
+        // decided on a remembered row is decided again on a fresh one.
+        let planned = rules::plan_append(&stream.content_type, stream.tail, &writer, append);
+        let (records, producer, stream_seq, close) = match planned {
+            Ok(AppendPlan::Write {
                 records,
                 producer,
                 stream_seq,
                 close,
-            } => (records, producer, stream_seq, close),
+            }) => (records, producer, stream_seq, close),
+            _ if from_cache => return Err(Failed::Raced),
+            Ok(AppendPlan::Duplicate(producer)) => {
+                let done = Appended {
+                    info: stream.info(),
+                    appended: false,
+                    outcome: AppendOutcome::Duplicate { producer },
+                };
+                return Ok((done, Some(Cached { stream, writer })));
+            }
+            Ok(AppendPlan::AlreadyClosed) => {
+                let done = Appended {
+                    info: stream.info(),
+                    appended: false,
+                    outcome: AppendOutcome::AlreadyClosed,
+                };
+                return Ok((done, Some(Cached { stream, writer })));
+            }
+            Err(e) => return Err(e.into()),
         };
         let tail = records
             .iter()
@@ -502,17 +566,25 @@ impl Store {
                 .insert(stream.id);
         }
         self.changed(&[stream.id]);
-        Ok(Appended {
-            info: StreamInfo {
-                tail,
-                closed: stream.closed || close,
-                ..stream.info()
-            },
-            appended: !records.is_empty(),
-            outcome: AppendOutcome::Written {
-                producer: producer.map(|(_, state)| state),
-            },
-        })
+        let appended = !records.is_empty();
+        let outcome = AppendOutcome::Written {
+            producer: producer.as_ref().map(|(_, state)| *state),
+        };
+        writer.record(producer, stream_seq, close);
+        let stream = StreamRow {
+            tail,
+            closed: writer.closed,
+            stream_seq: writer.stream_seq.clone(),
+            touched: stream.touched.max(micros(now)),
+            version: stream.version + 1,
+            ..stream
+        };
+        let done = Appended {
+            info: stream.info(),
+            appended,
+            outcome,
+        };
+        Ok((done, Some(Cached { stream, writer })))
     }
 
     pub(super) async fn read(&self, read: Read) -> Result<ReadResult, StreamError> {
