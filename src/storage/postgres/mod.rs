@@ -12,7 +12,10 @@
 //!   decide, then writes the records, the new tail, `Stream-Seq`, closure
 //!   and the producer's state in one statement that applies only if the row
 //!   is unchanged since it was read; if another writer came first, the
-//!   append decides again. Offsets are the same as every other backend's.
+//!   append decides again. A node remembers the row its last append to a
+//!   stream left and decides the next on it, so while a stream's writers
+//!   are on one node an append is one round trip. Offsets are the same as
+//!   every other backend's.
 //! - **Wake-ups across nodes.** A node wakes its own readers at once, and
 //!   tells the others with `pg_notify`, batched and outside any append's
 //!   transaction; each node `LISTEN`s on a dedicated connection that

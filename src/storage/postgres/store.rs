@@ -1,12 +1,13 @@
 //! The storage operations, each a few statements against the tables.
 //!
 //! Appends are optimistic: the stream's row and the claiming producer's
-//! state are read, [`rules::plan_append`] decides, and one statement writes
-//! the records, the new tail and writer state, and the producer's state,
-//! provided the row's `version` is still the one read. When another writer
-//! got there first, the append decides again. Creates and deletes, which
-//! touch several streams' rows (a fork source's reference count, a deleted
-//! chain), lock them in a transaction.
+//! state are read (or remembered from this node's last append to the
+//! stream), [`rules::plan_append`] decides, and one statement writes the
+//! records, the new tail and writer state, and the producer's state,
+//! provided the row's `version` is still the one decided on. When another
+//! writer got there first, the append reads the row and decides again.
+//! Creates and deletes, which touch several streams' rows (a fork source's
+//! reference count, a deleted chain), lock them in a transaction.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
