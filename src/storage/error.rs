@@ -77,6 +77,7 @@ impl StreamError {
     }
 
     /// An error of `kind` with a short message for the client and its cause.
+    #[cfg(feature = "postgres")]
     pub(crate) fn with_source(
         kind: StreamErrorKind,
         message: impl Into<String>,
