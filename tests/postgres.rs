@@ -673,3 +673,86 @@ async fn two_server_processes_share_streams_and_wake_each_other() {
     );
     assert!(max < Duration::from_millis(500), "{latencies:?}");
 }
+
+/// Reads renew a sliding TTL in memory, written once a second: another
+/// node, which sees only the database, finds the stream alive long past
+/// its TTL as long as the first keeps reading it.
+#[tokio::test]
+async fn ttl_renewals_by_reads_reach_other_nodes() {
+    let schema = Schema::new();
+    let Some(reader) = schema.storage().await else {
+        return;
+    };
+    let other = schema.storage().await.expect("second node");
+    let create = Create {
+        path: "ttl".into(),
+        config: StreamConfig {
+            content_type: text(),
+            expiry: tower_durable_streams::stream::Expiry::Ttl(2),
+            ..StreamConfig::default()
+        },
+        body: Bytes::from_static(b"x"),
+        now: SystemTime::now(),
+    };
+    reader
+        .clone()
+        .oneshot(StorageRequest::Create(create))
+        .await
+        .expect("created");
+    let head = |storage: &PostgresStorage| {
+        storage
+            .clone()
+            .oneshot(StorageRequest::Head { path: "ttl".into() })
+    };
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let read = reader
+            .clone()
+            .oneshot(read("ttl", ReadFrom::Start, 10))
+            .await;
+        assert!(read.is_ok(), "{read:?}");
+    }
+    // Four seconds after creation, twice the TTL.
+    assert!(head(&other).await.is_ok(), "the other node saw no renewal");
+    // Unread for longer than the TTL, it is gone everywhere.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let gone = head(&other).await.expect_err("expired");
+    assert_eq!(gone.kind(), &StreamErrorKind::NotFound);
+}
+
+/// Start-up migrates once; a schema newer than the code is refused.
+#[tokio::test]
+async fn the_schema_is_versioned() {
+    let schema = Schema::new();
+    let Some(first) = schema.storage().await else {
+        return;
+    };
+    create(&first, "kept").await;
+    let version = "SELECT version::bigint FROM ds_schema_version";
+    assert_eq!(schema.query_i64(version).await, 1);
+    // Starting again finds the tables as they are.
+    let again = schema.storage().await.expect("second start");
+    let head = again
+        .clone()
+        .oneshot(StorageRequest::Head {
+            path: "kept".into(),
+        })
+        .await;
+    assert!(head.is_ok(), "{head:?}");
+    assert_eq!(schema.query_i64(version).await, 1);
+
+    schema
+        .execute(&format!(
+            "UPDATE \"{}\".ds_schema_version SET version = 99",
+            schema.name
+        ))
+        .await
+        .expect("bump the version");
+    let refused = schema
+        .builder()
+        .connect()
+        .await
+        .expect_err("a newer schema is refused");
+    assert_eq!(refused.kind(), &StreamErrorKind::Unavailable);
+    assert!(refused.to_string().contains("version 99"), "{refused}");
+}
