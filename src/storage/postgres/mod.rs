@@ -57,6 +57,7 @@
 //! ```
 
 mod error;
+mod lifecycle;
 mod maintenance;
 mod read;
 mod row;
