@@ -6,6 +6,9 @@
 # Usage: scripts/test.sh
 # Needs: the Rust toolchain (with rustfmt and clippy), Node.js 20 with npm,
 # and ../shared beside the checkout (override with DS_SHARED=/path/to/shared).
+# PostgreSQL storage is tested against DS_TEST_DATABASE_URL (default: the
+# local postgres://postgres@127.0.0.1:5432/test), each run in schemas of its
+# own; those steps are skipped, saying so, only when nothing answers there.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +28,7 @@ cargo clippy --all-targets --all-features --quiet -- -D warnings
 
 # Each optional part on its own must build cleanly too: a user who
 # enables only `file` or only `subscriptions` gets no warnings.
-for features in "" file subscriptions client; do
+for features in "" file subscriptions client postgres; do
   step "cargo clippy --lib --no-default-features --features '$features'"
   cargo clippy --lib --no-default-features --features "$features" --quiet -- -D warnings
 done
@@ -38,6 +41,27 @@ cargo test --all-features
 
 step "cargo test: the cases suite again, over file storage"
 DS_TEST_STORAGE=file cargo test --all-features --test cases
+
+database_url="${DS_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export DS_TEST_DATABASE_URL="$database_url"
+# host:port of the URL, for a reachability check that needs no psql.
+db_hostport="${database_url#*://}"
+db_hostport="${db_hostport#*@}"
+db_hostport="${db_hostport%%/*}"
+db_host="${db_hostport%%:*}"
+db_port="${db_hostport##*:}"
+[ "$db_port" = "$db_hostport" ] && db_port=5432
+postgres_up=0
+if (exec 3<>"/dev/tcp/$db_host/$db_port") 2>/dev/null; then
+  postgres_up=1
+fi
+
+if [ "$postgres_up" -eq 1 ]; then
+  step "cargo test: the cases suite again, over PostgreSQL storage ($database_url)"
+  DS_TEST_STORAGE=postgres cargo test --all-features --test cases
+else
+  step "SKIPPED: the cases suite over PostgreSQL storage: nothing listens at $db_host:$db_port (set DS_TEST_DATABASE_URL)"
+fi
 
 step "build the server binary"
 cargo build --features server --bin durable-streams --quiet
@@ -56,13 +80,19 @@ pick_port() {
 }
 
 run_conformance() {
-  local storage="$1" port log data pid status=0
+  local storage="$1" port log data pid status=0 extra=() schema=""
+  if [ "$storage" = postgres ]; then
+    # A schema of its own, so that concurrent runs never meet.
+    schema="conformance_$$_$RANDOM"
+    extra=(--database-url "$database_url" --database-schema "$schema")
+  fi
   port=$(pick_port)
   log=$(mktemp "${TMPDIR:-/tmp}/durable-streams-$storage-XXXXXX.log")
   data=$(mktemp -d "${TMPDIR:-/tmp}/durable-streams-data-XXXXXX")
   step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
   ./target/debug/durable-streams serve --addr "127.0.0.1:$port" --storage "$storage" \
-    --data-dir "$data" --long-poll-timeout 500ms --allow-localhost-webhooks >"$log" 2>&1 &
+    --data-dir "$data" "${extra[@]}" --long-poll-timeout 500ms --allow-localhost-webhooks \
+    >"$log" 2>&1 &
   pid=$!
   for _ in $(seq 1 100); do
     if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
@@ -79,6 +109,14 @@ run_conformance() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   rm -rf "$data"
+  if [ -n "$schema" ]; then
+    if command -v psql >/dev/null 2>&1; then
+      psql "$database_url" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 ||
+        echo "test.sh: could not drop schema $schema" >&2
+    else
+      echo "test.sh: no psql to drop schema $schema; it is left in $database_url" >&2
+    fi
+  fi
   if [ "$status" -ne 0 ]; then
     echo "test.sh: server log ($log):" >&2
     tail -n 50 "$log" >&2
@@ -91,4 +129,9 @@ run_conformance() {
 status=0
 run_conformance memory || status=1
 run_conformance file || status=1
+if [ "$postgres_up" -eq 1 ]; then
+  run_conformance postgres || status=1
+else
+  step "SKIPPED: conformance suite against --storage postgres: nothing listens at $db_host:$db_port (set DS_TEST_DATABASE_URL)"
+fi
 exit "$status"

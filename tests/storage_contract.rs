@@ -8,6 +8,10 @@
 //! call. The layered backend is also handed to `DurableStreamsService` to
 //! show that the stack composes.
 
+#[cfg(feature = "postgres")]
+#[allow(dead_code)]
+#[path = "support/postgres.rs"]
+mod pg;
 #[allow(dead_code)]
 #[path = "../examples/recording_storage.rs"]
 mod recording_storage;
@@ -51,6 +55,9 @@ struct Store {
     /// The data directory of a file backend, removed after the test.
     #[cfg_attr(not(feature = "file"), allow(dead_code))]
     _dir: Option<Arc<tempfile::TempDir>>,
+    /// The schema of a PostgreSQL backend, dropped after the test.
+    #[cfg(feature = "postgres")]
+    _schema: Option<Arc<pg::Schema>>,
 }
 
 type Outcome<T> = Result<T, StreamErrorKind>;
@@ -67,6 +74,8 @@ where
         sent: Arc::default(),
         seen: None,
         _dir: None,
+        #[cfg(feature = "postgres")]
+        _schema: None,
     }
 }
 
@@ -338,30 +347,42 @@ fn layered_memory() -> (Layered, Arc<AtomicUsize>) {
     (service, calls)
 }
 
-fn memory() -> Store {
-    store(MemoryStorage::new())
+async fn memory() -> Option<Store> {
+    Some(store(MemoryStorage::new()))
 }
 
 #[cfg(feature = "file")]
-fn file() -> Store {
+async fn file() -> Option<Store> {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let storage = FileStorage::open(dir.path()).expect("file storage opens");
-    Store {
+    Some(Store {
         _dir: Some(Arc::new(dir)),
         ..store(storage)
-    }
+    })
 }
 
-fn layered() -> Store {
+/// `PostgresStorage` in a schema of its own; `None` when no database is
+/// reachable.
+#[cfg(feature = "postgres")]
+async fn postgres() -> Option<Store> {
+    let schema = pg::Schema::new();
+    let storage = schema.storage().await?;
+    Some(Store {
+        _schema: Some(Arc::new(schema)),
+        ..store(storage)
+    })
+}
+
+async fn layered() -> Option<Store> {
     let (service, calls) = layered_memory();
-    Store {
+    Some(Store {
         seen: Some(Arc::new(move || calls.load(Ordering::SeqCst))),
         ..store(service)
-    }
+    })
 }
 
 /// The example's backend, which must record every request, each answered.
-fn recording() -> Store {
+async fn recording() -> Option<Store> {
     let storage = recording_storage::RecordingStorage::new();
     let record = storage.clone();
     let recorded = move || {
@@ -369,10 +390,10 @@ fn recording() -> Store {
         assert!(operations.iter().all(|op| op.outcome.is_some()));
         operations.len()
     };
-    Store {
+    Some(Store {
         seen: Some(Arc::new(recorded)),
         ..store(storage)
-    }
+    })
 }
 
 /// One test per check per backend.
@@ -416,7 +437,9 @@ macro_rules! contract {
             $(
                 #[tokio::test]
                 async fn $check() {
-                    let store = super::$backend();
+                    let Some(store) = super::$backend().await else {
+                        return;
+                    };
                     super::checks::$check(store.clone()).await;
                     store.finish();
                 }
@@ -428,6 +451,8 @@ macro_rules! contract {
 contract!(memory);
 #[cfg(feature = "file")]
 contract!(file);
+#[cfg(feature = "postgres")]
+contract!(postgres);
 contract!(layered);
 contract!(recording);
 

@@ -50,6 +50,14 @@ impl Target {
         })
     }
 
+    /// The same run on the server at `url`: the same stream paths, sent
+    /// to another node.
+    pub fn on(&self, url: &str) -> Result<Self, Error> {
+        let mut other = Target::parse(url, self.timeout)?;
+        other.run = self.run.clone();
+        Ok(other)
+    }
+
     /// The path of the stream `name`, made unique to this run.
     pub fn stream_path(&self, name: &str) -> String {
         format!("{}/{}-{name}", self.base_path, self.run)

@@ -46,6 +46,11 @@ pub struct Plan {
     /// /proc/<pid>/status while the readers are connected.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Create the stream and append through this URL instead of `--url`:
+    /// another node sharing the readers' storage, to measure wake-ups
+    /// across nodes.
+    #[arg(long)]
+    writer_url: Option<String>,
 }
 
 /// Options of the `long-poll` scenario.
@@ -149,7 +154,11 @@ fn ids(data: &[u8]) -> impl Iterator<Item = u64> + '_ {
 async fn fan_out(target: &Target, plan: Plan, readers: usize, mode: Mode) -> Result<Report, Error> {
     let content_type = HeaderValue::from_static("text/plain");
     let path = target.stream_path("live");
-    let mut writer = target.connect().await?;
+    let writer_target = match &plan.writer_url {
+        Some(url) => target.on(url)?,
+        None => target.clone(),
+    };
+    let mut writer = writer_target.connect().await?;
     let offset = writer.create(&path, &content_type).await?;
     let rss_idle = plan.server_pid.and_then(rss_mb);
 
@@ -195,7 +204,7 @@ async fn fan_out(target: &Target, plan: Plan, readers: usize, mode: Mode) -> Res
             .is_err()
         {
             append_errors += 1;
-            writer = target.connect().await?;
+            writer = writer_target.connect().await?;
         }
         if let Some(rss) = plan.server_pid.and_then(rss_mb) {
             rss_max = Some(rss_max.map_or(rss, |max: f64| max.max(rss)));

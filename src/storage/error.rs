@@ -76,6 +76,20 @@ impl StreamError {
         }
     }
 
+    /// An error of `kind` with a short message for the client and its cause.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn with_source(
+        kind: StreamErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
     /// The kind of error.
     pub fn kind(&self) -> &StreamErrorKind {
         &self.kind

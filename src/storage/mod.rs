@@ -21,6 +21,8 @@ mod error;
 pub mod file;
 mod index;
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod rules;
 
 use std::time::SystemTime;
@@ -31,6 +33,8 @@ pub use self::error::{StreamError, StreamErrorKind};
 #[cfg(feature = "file")]
 pub use self::file::{FileStorage, FileStorageBuilder, SyncMode};
 pub use self::memory::MemoryStorage;
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresStorage, PostgresStorageBuilder};
 use crate::live::TailWait;
 use crate::offset::{Offset, ReadFrom};
 use crate::producer::ProducerClaim;

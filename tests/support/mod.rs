@@ -5,14 +5,20 @@
 //!
 //! The server keeps streams in `MemoryStorage`, or, with
 //! `DS_TEST_STORAGE=file` (and the `file` feature), in a `FileStorage` on a
-//! temporary directory of its own:
+//! temporary directory of its own, or, with `DS_TEST_STORAGE=postgres` (and
+//! the `postgres` feature), in a `PostgresStorage` on a schema of its own in
+//! the database `DS_TEST_DATABASE_URL` names (by default the local one):
 //!
 //! ```text
 //! DS_TEST_STORAGE=file cargo test --all-features --test cases
+//! DS_TEST_STORAGE=postgres cargo test --all-features --test cases
 //! ```
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -72,17 +78,26 @@ pub struct Server {
     _accept: Arc<AbortOnDrop>,
     /// The data directory of file storage, removed with the last clone.
     _data: Option<Arc<tempfile::TempDir>>,
+    /// The schema of PostgreSQL storage, dropped with the last clone.
+    #[cfg(feature = "postgres")]
+    _schema: Option<Arc<postgres::Schema>>,
 }
 
-/// The storage backend `DS_TEST_STORAGE` names: `memory` (the default) or
-/// `file`.
+/// The storage backend `DS_TEST_STORAGE` names: `memory` (the default),
+/// `file` or `postgres`.
 fn file_storage() -> bool {
+    storage_named("file")
+}
+
+fn storage_named(name: &str) -> bool {
     match std::env::var("DS_TEST_STORAGE").as_deref() {
         Err(_) | Ok("" | "memory") => false,
-        Ok("file") if cfg!(feature = "file") => true,
-        Ok(other) => {
-            panic!("DS_TEST_STORAGE={other}: expected memory, or file with --features file")
-        }
+        Ok("file") if cfg!(feature = "file") => name == "file",
+        Ok("postgres") if cfg!(feature = "postgres") => name == "postgres",
+        Ok(other) => panic!(
+            "DS_TEST_STORAGE={other}: expected memory, file with --features file, \
+             or postgres with --features postgres"
+        ),
     }
 }
 
@@ -112,12 +127,24 @@ impl Server {
             server._data = Some(Arc::new(dir));
             return server;
         }
-        // Without the `file` feature, this refuses DS_TEST_STORAGE=file.
-        assert!(!file_storage());
+        #[cfg(feature = "postgres")]
+        if storage_named("postgres") {
+            let schema = postgres::Schema::new();
+            let storage = schema.storage().await.unwrap_or_else(|| {
+                panic!("DS_TEST_STORAGE=postgres, but no PostgreSQL is reachable")
+            });
+            let mut server = Self::over(storage, options).await;
+            server._schema = Some(Arc::new(schema));
+            return server;
+        }
+        // Without the `file` or `postgres` feature, this refuses
+        // DS_TEST_STORAGE=file or postgres.
+        assert!(!file_storage() && !storage_named("postgres"));
         Self::over(MemoryStorage::new(), options).await
     }
 
-    async fn over<S>(storage: S, options: Options) -> Self
+    /// The stack the binary builds over `storage`.
+    pub async fn over<S>(storage: S, options: Options) -> Self
     where
         S: tower::Service<StorageRequest, Response = StorageResponse, Error = StreamError>
             + Clone
@@ -164,6 +191,8 @@ impl Server {
             client: Client::builder(TokioExecutor::new()).build_http(),
             _accept: Arc::new(AbortOnDrop(accept)),
             _data: None,
+            #[cfg(feature = "postgres")]
+            _schema: None,
         }
     }
 

@@ -22,7 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_durable_streams::storage::{
-    FileStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
+    FileStorage, PostgresStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
 use tower_durable_streams::{
     subscription::Subscriptions, CacheControlLayer, DurableStreamsService, LongPollLayer,
@@ -72,6 +72,24 @@ struct ServeArgs {
     /// The directory of file storage.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
+    /// The database of PostgreSQL storage, such as
+    /// `postgres://user@host:5432/db`; nodes sharing it share streams.
+    #[arg(long, required_if_eq("storage", "postgres"))]
+    database_url: Option<String>,
+    /// The schema of PostgreSQL storage, created if missing.
+    #[arg(long, default_value = "public")]
+    database_schema: String,
+    /// The most database connections of PostgreSQL storage.
+    #[arg(long, default_value_t = 16)]
+    database_pool_size: usize,
+    /// How long PostgreSQL storage waits to connect (or for a free
+    /// connection) before a request gets 503.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    database_connect_timeout: Duration,
+    /// The longest a reader at the tail waits on PostgreSQL storage before
+    /// it looks again, in case a wake-up from another node was lost.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    database_recheck_interval: Duration,
     /// When a write to file storage is acknowledged: `fsync` (survives power
     /// loss) or `write` (survives a crash of the process only).
     #[arg(long, value_enum, default_value_t = SyncArg::Fsync)]
@@ -105,6 +123,9 @@ enum Storage {
     File,
     /// In memory: fast, and gone when the process ends.
     Memory,
+    /// In PostgreSQL at `--database-url`: durable, shared by every server
+    /// node that uses the same database and schema.
+    Postgres,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -150,6 +171,20 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send +
                 SyncArg::Write => SyncMode::Write,
             };
             let storage = FileStorage::builder().sync(sync).open(&args.data_dir)?;
+            run(args, storage).await
+        }
+        Storage::Postgres => {
+            let url = args
+                .database_url
+                .clone()
+                .ok_or("--storage postgres needs --database-url")?;
+            let storage = PostgresStorage::builder(url)
+                .schema(&args.database_schema)
+                .pool_size(args.database_pool_size)
+                .connect_timeout(args.database_connect_timeout)
+                .recheck_interval(args.database_recheck_interval)
+                .connect()
+                .await?;
             run(args, storage).await
         }
     }
