@@ -203,23 +203,40 @@ impl Pattern {
     }
 }
 
+/// Matches `path` against `pattern` in one pass over the path, keeping the
+/// set of pattern positions reached so far: time grows with the product of
+/// their lengths, however many `**` the pattern has (trying each split of
+/// each `**` in turn grows exponentially with them).
 fn matches_from(pattern: &[Segment], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => {
-            (0..=path.len()).any(|skip| matches_from(rest, &path[skip..]))
-        }
-        Some((segment, rest)) => match path.split_first() {
-            None => false,
-            Some((first, others)) => {
-                let here = match segment {
-                    Segment::One => true,
-                    Segment::Literal(literal) => literal == first,
-                    Segment::Any => unreachable!("handled above"),
-                };
-                here && matches_from(rest, others)
+    // reached[i]: the first i segments of the pattern match the path so far.
+    let mut reached = vec![false; pattern.len() + 1];
+    reached[0] = true;
+    skip_empty_any(pattern, &mut reached);
+    for part in path {
+        let mut next = vec![false; pattern.len() + 1];
+        for (i, segment) in pattern.iter().enumerate().filter(|(i, _)| reached[*i]) {
+            match segment {
+                // `**` takes this segment and may take more.
+                Segment::Any => next[i] = true,
+                Segment::One => next[i + 1] = true,
+                Segment::Literal(literal) => next[i + 1] |= literal == part,
             }
-        },
+        }
+        skip_empty_any(pattern, &mut next);
+        if !next.contains(&true) {
+            return false;
+        }
+        reached = next;
+    }
+    reached[pattern.len()]
+}
+
+/// Lets each reached `**` match no segment at all.
+fn skip_empty_any(pattern: &[Segment], reached: &mut [bool]) {
+    for (i, segment) in pattern.iter().enumerate() {
+        if reached[i] && matches!(segment, Segment::Any) {
+            reached[i + 1] = true;
+        }
     }
 }
 
@@ -229,6 +246,16 @@ mod tests {
 
     fn matches(pattern: &str, path: &str) -> bool {
         Pattern::parse(pattern).unwrap().matches(path)
+    }
+
+    #[test]
+    fn many_double_stars_take_linear_time() {
+        let pattern = format!("{}x", "**/".repeat(200));
+        let path = vec!["a"; 40].join("/");
+        assert!(!matches(&pattern, &path));
+        assert!(matches(&pattern, &format!("{path}/x")));
+        assert!(matches("**/b/**/d", "a/b/c/d"));
+        assert!(!matches("**/b/**/d", "a/b/c/e"));
     }
 
     #[test]
