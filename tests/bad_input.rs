@@ -57,6 +57,29 @@ async fn compressed_bodies_are_refused_not_stored_encoded() {
 }
 
 #[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused_not_stored_coded() {
+    let s = Server::start().await;
+    s.put("t", &[TEXT], "").await;
+    let body = support::chunked(&[&b"\x1f\x8b\x08\x00coded"[..]]);
+    for coding in ["gzip, chunked", "deflate,chunked"] {
+        let mut request = format!(
+            "POST /v1/stream/t HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n\
+             Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        assert_eq!(s.raw(request).await.status, 501, "{coding}");
+    }
+    assert_eq!(s.get("t?offset=-1").await.text(), "");
+    let mut plain = b"POST /v1/stream/t HTTP/1.1\r\nHost: t\r\nContent-Type: text/plain\r\n\
+        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    plain.extend_from_slice(&support::chunked(&[&b"plain"[..]]));
+    assert_eq!(s.raw(plain).await.status, 204);
+    assert_eq!(s.get("t?offset=-1").await.text(), "plain");
+}
+
+#[tokio::test]
 async fn json_too_deep_or_too_many_messages_is_refused() {
     let s = Server::start().await;
     s.put("j", &[JSON], "").await;

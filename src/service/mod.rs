@@ -719,6 +719,22 @@ where
             "Content-Encoding is not supported",
         ));
     }
+    // The connection undoes `chunked` only; the body under any other
+    // transfer coding would be stored still coded (RFC 9112 section 6.1).
+    let transfer_coded = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| {
+            !coding.eq_ignore_ascii_case(b"chunked") && !coding.eq_ignore_ascii_case(b"identity")
+        });
+    if transfer_coded {
+        return Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "only the chunked Transfer-Encoding is supported",
+        ));
+    }
     let mut body = std::pin::pin!(body);
     match collect_within(body.as_mut(), headers, config).await {
         Err(refusal) if refusal.status == StatusCode::PAYLOAD_TOO_LARGE => {
