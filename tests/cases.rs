@@ -282,6 +282,29 @@ async fn close_only_ends_sse_readers_at_once() {
 }
 
 #[tokio::test]
+async fn live_readers_learn_that_their_stream_expired_while_they_waited() {
+    // Expiry is noticed when a stream is next touched; a reader waiting at
+    // the tail must not wait out its timeout with a 204 as if it existed.
+    let s = Server::start().await;
+    let tail = s
+        .put("t", &[TEXT, ("stream-ttl", "1")], "data")
+        .await
+        .next_offset();
+    let mut sse = s.sse(&format!("t?offset={tail}&live=sse")).await;
+    let started = Instant::now();
+    let long_poll = s.get(&format!("t?offset={tail}&live=long-poll")).await;
+    assert_eq!(long_poll.status, 404, "{long_poll:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    sse.read_to_end(PROMPT).await;
+    assert!(sse.ended, "the SSE reader outlived its expired stream");
+    assert_eq!(s.head("t").await.status, 404);
+}
+
+#[tokio::test]
 async fn deleting_a_stream_ends_its_sse_readers() {
     let s = Server::start().await;
     let o1 = s.put("s", &[TEXT], "data").await.next_offset();

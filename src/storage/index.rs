@@ -623,6 +623,9 @@ impl Index {
         let (id, entry) = self.visible(path)?;
         let info = entry.durable_info(id);
         let subscription = (subscribe && !info.closed).then(|| entry.wake.subscribe());
+        // This read renews a sliding TTL, so the stream expires then at the
+        // earliest, unless another read or write renews it again.
+        let expires = entry.expiry.deadline(entry.touched.max(now));
         let view = self.view(id, true);
         let boundary = |at| {
             at == info.tail
@@ -643,8 +646,22 @@ impl Index {
         let (chunks, next) = view.collect(start, max_bytes);
         let wait = subscription.filter(|_| chunks.is_empty()).map(|mut rx| {
             TailWait::new(async move {
-                // An error means the stream is gone: wake up and find out.
-                let _ = rx.changed().await;
+                // Expiry deletes a stream only when it is next touched, so
+                // wake up then to touch it, as for any other change. An
+                // error means the stream is gone: wake up and find out.
+                let expiry = async {
+                    match expires {
+                        Some(at) => {
+                            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                            tokio::time::sleep(left).await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    () = expiry => {}
+                }
             })
         });
         if let Some(entry) = self.streams.get_mut(&id) {
