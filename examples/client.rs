@@ -44,10 +44,11 @@ async fn main() -> Result<(), Error> {
                 .create(CreateOptions::new().content_type("text/plain"))
                 .await?;
             // A fresh epoch per run, so this run's sequence numbers are
-            // never taken for an earlier run's.
+            // never taken for an earlier run's: milliseconds, since two
+            // runs can start within one second.
             let epoch = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let producer = stream.idempotent_producer(
                 "example-producer",
                 epoch,

@@ -305,6 +305,24 @@ async fn live_readers_learn_that_their_stream_expired_while_they_waited() {
 }
 
 #[tokio::test]
+async fn an_sse_read_with_a_matching_etag_is_still_an_event_stream() {
+    // PROTOCOL.md 5.8 answers SSE with 200, 400, 404 or 429: never 304.
+    let s = Server::start().await;
+    let tail = s.put("e", &[TEXT], "data").await.next_offset();
+    let etag = s.get(&format!("e?offset={tail}")).await;
+    let etag = etag.header("etag").expect("an ETag").to_owned();
+    let mut conn = s.connect().await;
+    conn.send(format!(
+        "GET /v1/stream/e?offset={tail}&live=sse HTTP/1.1\r\nHost: t\r\n\
+         If-None-Match: {etag}\r\n\r\n"
+    ))
+    .await;
+    let head = conn.read_head().await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+}
+
+#[tokio::test]
 async fn deleting_a_stream_ends_its_sse_readers() {
     let s = Server::start().await;
     let o1 = s.put("s", &[TEXT], "data").await.next_offset();

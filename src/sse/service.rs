@@ -74,6 +74,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (mut parts, _) = request.into_parts();
         parts.extensions.insert(Subscribe);
+        // An event stream is never `304 Not Modified`: the first read must
+        // be a body the events can start from.
+        parts.headers.remove(header::IF_NONE_MATCH);
         let deadline = Instant::now() + self.connection_lifetime;
         LiveFuture::new(async move {
             let request = Request::from_parts(parts.clone(), LiveRequestBody::empty());

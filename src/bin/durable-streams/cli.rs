@@ -47,7 +47,7 @@ pub(crate) struct Read {
     url: String,
     /// Where to start: an offset from an earlier read, -1 for the start, or
     /// now for the tail.
-    #[arg(long, default_value = "-1")]
+    #[arg(long, default_value = "-1", allow_hyphen_values = true)]
     from: String,
     /// Keep following the stream (SSE, else long-poll) until it is closed.
     #[arg(long)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -140,6 +140,7 @@ enum SyncArg {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -217,7 +218,9 @@ where
     let app = service_fn(move |request: Request<Incoming>| {
         let streams = streams.clone();
         async move {
-            if request.uri().path() == "/health" {
+            if request.uri().path() == "/health"
+                && matches!(*request.method(), Method::GET | Method::HEAD)
+            {
                 let ok = Full::new(Bytes::from_static(b"ok\n")).map_err(|e| match e {});
                 return Ok::<_, Infallible>(Response::new(BoxBody::new(ok)));
             }
