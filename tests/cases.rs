@@ -282,26 +282,27 @@ async fn close_only_ends_sse_readers_at_once() {
 }
 
 #[tokio::test]
-async fn live_readers_learn_that_their_stream_expired_while_they_waited() {
-    // Expiry is noticed when a stream is next touched; a reader waiting at
-    // the tail must not wait out its timeout with a 204 as if it existed.
-    let s = Server::start().await;
+async fn live_readers_keep_a_stream_with_a_ttl_alive() {
+    // PROTOCOL.md 5.1: a live read renews the TTL when it starts, and a
+    // stream with active live readers does not expire. Once they are gone,
+    // the TTL runs from their last renewal.
+    let s = Server::with(Options {
+        long_poll_timeout: Duration::from_secs(3),
+        ..Options::default()
+    })
+    .await;
     let tail = s
-        .put("t", &[TEXT, ("stream-ttl", "1")], "data")
+        .put("t", &[TEXT, ("stream-ttl", "2")], "data")
         .await
         .next_offset();
-    let mut sse = s.sse(&format!("t?offset={tail}&live=sse")).await;
-    let started = Instant::now();
-    let long_poll = s.get(&format!("t?offset={tail}&live=long-poll")).await;
-    assert_eq!(long_poll.status, 404, "{long_poll:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
-    sse.read_to_end(PROMPT).await;
-    assert!(sse.ended, "the SSE reader outlived its expired stream");
-    assert_eq!(s.head("t").await.status, 404);
+    let waiting = s.spawn_get(format!("t?offset={tail}&live=long-poll"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let head = s.head("t").await;
+    assert_eq!(head.status, 200, "expired under a waiting reader: {head:?}");
+    let (reply, _) = waiting.await.unwrap();
+    assert_eq!(reply.status, 204, "{reply:?}");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(s.head("t").await.status, 404, "outlived its TTL");
 }
 
 #[tokio::test]

@@ -156,6 +156,14 @@ impl Entry {
         }
     }
 
+    /// Whether the stream has expired at `now`. Live readers waiting at its
+    /// tail keep it alive: a live read renews a sliding TTL when it
+    /// starts, and a stream with active live readers does not expire
+    /// (PROTOCOL.md section 5.1, `Stream-TTL`).
+    fn has_expired(&self, now: SystemTime) -> bool {
+        self.wake.receiver_count() == 0 && self.expiry.is_expired(self.touched, now)
+    }
+
     fn durable_info(&self, id: u64) -> StreamInfo {
         StreamInfo {
             tail: self.durable_tail,
@@ -278,7 +286,7 @@ impl Index {
     pub(crate) fn expired(&self, path: &str, now: SystemTime) -> Option<u64> {
         let id = self.id_of(path)?;
         let entry = &self.streams[&id];
-        (!entry.deleted && entry.expiry.is_expired(entry.touched, now)).then_some(id)
+        (!entry.deleted && entry.has_expired(now)).then_some(id)
     }
 
     /// The stream at `path` as readers may see it.
@@ -623,9 +631,6 @@ impl Index {
         let (id, entry) = self.visible(path)?;
         let info = entry.durable_info(id);
         let subscription = (subscribe && !info.closed).then(|| entry.wake.subscribe());
-        // This read renews a sliding TTL, so the stream expires then at the
-        // earliest, unless another read or write renews it again.
-        let expires = entry.expiry.deadline(entry.touched.max(now));
         let view = self.view(id, true);
         let boundary = |at| {
             at == info.tail
@@ -646,22 +651,8 @@ impl Index {
         let (chunks, next) = view.collect(start, max_bytes);
         let wait = subscription.filter(|_| chunks.is_empty()).map(|mut rx| {
             TailWait::new(async move {
-                // Expiry deletes a stream only when it is next touched, so
-                // wake up then to touch it, as for any other change. An
-                // error means the stream is gone: wake up and find out.
-                let expiry = async {
-                    match expires {
-                        Some(at) => {
-                            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-                            tokio::time::sleep(left).await;
-                        }
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = rx.changed() => {}
-                    () = expiry => {}
-                }
+                // An error means the stream is gone: wake up and find out.
+                let _ = rx.changed().await;
             })
         });
         if let Some(entry) = self.streams.get_mut(&id) {
@@ -809,8 +800,7 @@ impl Index {
             .filter(|(path, _)| path.starts_with(prefix))
             .filter_map(|(path, id)| {
                 let entry = self.streams.get(id)?;
-                let live =
-                    entry.durable && !entry.deleted && !entry.expiry.is_expired(entry.touched, now);
+                let live = entry.durable && !entry.deleted && !entry.has_expired(now);
                 live.then(|| Listed {
                     path: path.clone(),
                     tail: entry.durable_tail,
@@ -826,7 +816,7 @@ impl Index {
     pub(crate) fn expired_paths(&self, now: SystemTime) -> Vec<String> {
         self.streams
             .values()
-            .filter(|e| !e.deleted && e.expiry.is_expired(e.touched, now))
+            .filter(|e| !e.deleted && e.has_expired(now))
             .map(|e| e.path.clone())
             .collect()
     }
