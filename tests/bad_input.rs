@@ -161,6 +161,36 @@ async fn a_cursor_too_large_to_pass_is_treated_as_junk() {
 }
 
 #[tokio::test]
+async fn a_trickled_upload_times_out_and_stores_nothing() {
+    // Each byte arrives inside the per-part timeout, forever.
+    let s = Server::with(Options {
+        body_timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    s.put("trickle", &[TEXT], "").await;
+    let mut conn = s.connect().await;
+    conn.send(format!(
+        "POST {PREFIX}/trickle HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\n"
+    ))
+    .await;
+    let mut answered = false;
+    for _ in 0..20 {
+        conn.send("x").await;
+        // The answer comes as the next byte arrives, inside this wait.
+        if conn
+            .read_until_contains(b"HTTP/1.1 408", Duration::from_millis(100))
+            .await
+        {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "a trickled body was waited for 2 s");
+    assert_eq!(s.get("trickle?offset=-1").await.text(), "");
+}
+
+#[tokio::test]
 async fn a_stalled_upload_times_out_and_stores_nothing() {
     let s = Server::with(Options {
         body_timeout: Duration::from_millis(300),

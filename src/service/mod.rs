@@ -54,6 +54,9 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_READ_BYTES: usize = 1024 * 1024;
 /// The largest body of a `__ds` control request.
 const MAX_CONTROL_BODY: usize = 1024 * 1024;
+/// The slowest average rate, in bytes a second, at which a request body may
+/// arrive once it has taken longer than the body timeout.
+const MIN_BODY_RATE: f64 = 1024.0;
 /// The most of a refused body read and dropped so the client sees the `413`.
 const MAX_DISCARD: usize = 64 * 1024 * 1024;
 /// The longest time spent dropping a refused body.
@@ -194,7 +197,9 @@ impl<S> DurableStreamsService<S> {
 
     /// How long to wait for the next part of a request body before giving up
     /// with `408 Request Timeout`, so a client that stalls mid-upload cannot
-    /// hold its buffer forever. Default is 30 seconds.
+    /// hold its buffer forever. A body still arriving after this long must
+    /// have come at 1 KiB a second on average, or it gets the same `408`.
+    /// Default is 30 seconds.
     pub fn body_timeout(mut self, timeout: Duration) -> Self {
         Arc::make_mut(&mut self.config).body_timeout = timeout;
         self
@@ -771,7 +776,20 @@ where
         return Err(too_large());
     }
     let mut collected = BytesMut::new();
+    let started = tokio::time::Instant::now();
     loop {
+        // Each part within `body_timeout`, and past that much time, the
+        // whole at MIN_BODY_RATE on average: a client that trickles a byte
+        // just inside every timeout cannot hold a request open forever.
+        let elapsed = started.elapsed();
+        if elapsed > config.body_timeout
+            && (collected.len() as f64) < elapsed.as_secs_f64() * MIN_BODY_RATE
+        {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body arrives too slowly",
+            ));
+        }
         let next = tokio::time::timeout(config.body_timeout, body.frame())
             .await
             .map_err(|_| Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body timed out"))?;
