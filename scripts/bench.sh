@@ -90,7 +90,7 @@ cargo build --release --quiet --features server --bin durable-streams
 cargo build --release --quiet --example load
 # Private copies: a rebuild in the checkout during the run changes nothing.
 mkdir -p "$work/bin"
-cp target/release/durable-streams target/release/examples/load "$work/bin/"
+cp "${CARGO_TARGET_DIR:-target}/release/durable-streams" "${CARGO_TARGET_DIR:-target}/release/examples/load" "$work/bin/"
 ours="$work/bin/durable-streams"
 load="$work/bin/load"
 

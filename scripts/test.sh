@@ -90,7 +90,7 @@ run_conformance() {
   log=$(mktemp "${TMPDIR:-/tmp}/durable-streams-$storage-XXXXXX.log")
   data=$(mktemp -d "${TMPDIR:-/tmp}/durable-streams-data-XXXXXX")
   step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
-  ./target/debug/durable-streams serve --addr "127.0.0.1:$port" --storage "$storage" \
+  "${CARGO_TARGET_DIR:-target}/debug/durable-streams" serve --addr "127.0.0.1:$port" --storage "$storage" \
     --data-dir "$data" "${extra[@]}" --long-poll-timeout 500ms --allow-localhost-webhooks \
     >"$log" 2>&1 &
   pid=$!
