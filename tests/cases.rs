@@ -306,6 +306,29 @@ async fn live_readers_keep_a_stream_with_a_ttl_alive() {
 }
 
 #[tokio::test]
+async fn a_waiting_reader_learns_its_stream_reached_expires_at() {
+    // Stream-Expires-At is absolute: readers do not extend it, and one
+    // waiting at the tail is answered as HEAD would be, not with a 204.
+    let s = Server::start().await;
+    let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let at = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let tail = s
+        .put("x", &[TEXT, ("stream-expires-at", at.as_str())], "data")
+        .await
+        .next_offset();
+    let started = Instant::now();
+    let reply = s.get(&format!("x?offset={tail}&live=long-poll")).await;
+    assert_eq!(reply.status, 404, "{reply:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn an_sse_read_with_a_matching_etag_is_still_an_event_stream() {
     // PROTOCOL.md 5.8 answers SSE with 200, 400, 404 or 429: never 304.
     let s = Server::start().await;

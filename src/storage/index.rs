@@ -157,11 +157,14 @@ impl Entry {
     }
 
     /// Whether the stream has expired at `now`. Live readers waiting at its
-    /// tail keep it alive: a live read renews a sliding TTL when it
-    /// starts, and a stream with active live readers does not expire
-    /// (PROTOCOL.md section 5.1, `Stream-TTL`).
+    /// tail keep a sliding TTL from running out: a live read renews it when
+    /// it starts, and a stream with active live readers does not expire
+    /// (PROTOCOL.md section 5.1, `Stream-TTL`). `Stream-Expires-At` is
+    /// absolute.
     fn has_expired(&self, now: SystemTime) -> bool {
-        self.wake.receiver_count() == 0 && self.expiry.is_expired(self.touched, now)
+        let followed = self.wake.receiver_count() > 0;
+        !(followed && matches!(self.expiry, Expiry::Ttl(_)))
+            && self.expiry.is_expired(self.touched, now)
     }
 
     fn durable_info(&self, id: u64) -> StreamInfo {
@@ -631,6 +634,10 @@ impl Index {
         let (id, entry) = self.visible(path)?;
         let info = entry.durable_info(id);
         let subscription = (subscribe && !info.closed).then(|| entry.wake.subscribe());
+        let expires_at = match entry.expiry {
+            Expiry::At(at) => Some(at),
+            Expiry::Never | Expiry::Ttl(_) => None,
+        };
         let view = self.view(id, true);
         let boundary = |at| {
             at == info.tail
@@ -651,8 +658,22 @@ impl Index {
         let (chunks, next) = view.collect(start, max_bytes);
         let wait = subscription.filter(|_| chunks.is_empty()).map(|mut rx| {
             TailWait::new(async move {
-                // An error means the stream is gone: wake up and find out.
-                let _ = rx.changed().await;
+                // An absolute expiry deletes the stream when it is next
+                // touched: wake up then to touch it. An error means the
+                // stream is gone: wake up and find out.
+                let expiry = async {
+                    match expires_at {
+                        Some(at) => {
+                            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                            tokio::time::sleep(left).await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    () = expiry => {}
+                }
             })
         });
         if let Some(entry) = self.streams.get_mut(&id) {
