@@ -8,7 +8,24 @@ use crate::offset::Offset;
 /// media type alone, case-insensitively (`TEXT/PLAIN` matches `text/plain;
 /// charset=utf-8`).
 #[derive(Clone, Debug)]
-pub struct ContentType(String);
+pub struct ContentType {
+    /// Shared: every response and stream description carries a copy.
+    value: std::sync::Arc<str>,
+    /// The media type without parameters: `value[essence]`.
+    essence: std::ops::Range<usize>,
+    kind: Kind,
+}
+
+/// What the media type means to the protocol, worked out once at parse time
+/// because appends and reads ask on every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `application/json`: message boundaries are kept.
+    Json,
+    /// `text/*`: SSE carries it as text.
+    Text,
+    Other,
+}
 
 impl ContentType {
     /// The type given to a stream created without a `Content-Type`.
@@ -26,46 +43,59 @@ impl ContentType {
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
         };
-        (token(ty) && token(sub)).then(|| Self(value.to_owned()))
+        if !(token(ty) && token(sub)) {
+            return None;
+        }
+        // `essence` is a trimmed prefix of `value`, which starts with it.
+        let kind = if essence.eq_ignore_ascii_case("application/json") {
+            Kind::Json
+        } else if ty.eq_ignore_ascii_case("text") {
+            Kind::Text
+        } else {
+            Kind::Other
+        };
+        Some(Self {
+            value: value.into(),
+            essence: 0..essence.len(),
+            kind,
+        })
     }
 
     /// The value as the stream's creator sent it.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.value
     }
 
     /// The media type without parameters, lowercased: `application/json`.
     pub fn essence(&self) -> String {
-        self.0
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase()
+        self.essence_str().to_ascii_lowercase()
+    }
+
+    fn essence_str(&self) -> &str {
+        &self.value[self.essence.clone()]
     }
 
     /// Whether this is `application/json`, whose streams keep message
     /// boundaries (PROTOCOL.md section 9.1).
     pub fn is_json(&self) -> bool {
-        self.essence() == "application/json"
+        self.kind == Kind::Json
     }
 
     /// Whether SSE data events carry this type as text rather than base64:
     /// `text/*` and `application/json`.
     pub fn is_sse_text(&self) -> bool {
-        let essence = self.essence();
-        essence.starts_with("text/") || essence == "application/json"
+        self.kind != Kind::Other
     }
 
     /// Whether two content types name the same media type.
     pub fn matches(&self, other: &ContentType) -> bool {
-        self.essence() == other.essence()
+        self.essence_str().eq_ignore_ascii_case(other.essence_str())
     }
 }
 
 impl Default for ContentType {
     fn default() -> Self {
-        Self(Self::DEFAULT.to_owned())
+        Self::parse(Self::DEFAULT).expect("the default content type parses")
     }
 }
 
@@ -130,4 +160,30 @@ pub struct StreamConfig {
     pub closed: bool,
     /// The fork source, when the stream is a fork.
     pub fork: Option<ForkRequest>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ContentType;
+
+    #[test]
+    fn content_types_compare_by_media_type_alone() {
+        let json = ContentType::parse(" Application/JSON ; charset=utf-8").unwrap();
+        assert!(json.is_json() && json.is_sse_text());
+        assert_eq!(json.essence(), "application/json");
+        assert_eq!(json.as_str(), "Application/JSON ; charset=utf-8");
+        assert!(json.matches(&ContentType::parse("application/json").unwrap()));
+        assert!(!json.matches(&ContentType::parse("application/jsonx").unwrap()));
+
+        let text = ContentType::parse("TEXT/plain").unwrap();
+        assert!(!text.is_json() && text.is_sse_text());
+        assert!(text.matches(&ContentType::parse("text/PLAIN; charset=utf-8").unwrap()));
+
+        let bytes = ContentType::default();
+        assert_eq!(bytes.as_str(), ContentType::DEFAULT);
+        assert!(!bytes.is_json() && !bytes.is_sse_text());
+        assert!(ContentType::parse("application/json+x").is_some_and(|c| !c.is_json()));
+        assert!(ContentType::parse("textplain").is_none());
+        assert!(ContentType::parse("text/").is_none());
+    }
 }
