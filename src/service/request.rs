@@ -64,24 +64,33 @@ pub(crate) fn stream_key(path: &str, prefix: &str) -> Result<String, Refusal> {
         if i > 0 {
             key.push('/');
         }
-        let canonical = canonical_segment(segment)?;
+        let start = key.len();
+        push_canonical(&mut key, segment)?;
+        let canonical = &key[start..];
         if canonical.is_empty() || canonical == "." || canonical == ".." {
             return Err(Refusal::bad_request("invalid stream path"));
         }
-        key.push_str(&canonical);
     }
     Ok(key)
 }
 
-fn canonical_segment(segment: &str) -> Result<String, Refusal> {
+/// Appends the canonical form of one path segment to `out`.
+fn push_canonical(out: &mut String, segment: &str) -> Result<(), Refusal> {
     let bad = || Refusal::bad_request("invalid percent-encoding in stream path");
     let bytes = segment.as_bytes();
-    let mut out = String::with_capacity(segment.len());
+    if bytes.iter().all(|b| b.is_ascii() && *b != b'%') {
+        out.push_str(segment);
+        return Ok(());
+    }
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+                .ok_or_else(bad)?;
+            // Two ASCII hex digits: no sign, which `from_str_radix` allows.
             let text = std::str::from_utf8(hex).map_err(|_| bad())?;
             let value = u8::from_str_radix(text, 16).map_err(|_| bad())?;
             if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
@@ -95,11 +104,12 @@ fn canonical_segment(segment: &str) -> Result<String, Refusal> {
             out.push(char::from(b));
             i += 1;
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            use std::fmt::Write;
+            let _ = write!(out, "%{b:02X}");
             i += 1;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The query parameters a read understands; others are ignored.
@@ -317,6 +327,8 @@ mod tests {
             "/v1/stream/a/",
             "/v1/stream/%zz",
             "/v1/stream/%4",
+            "/v1/stream/%+1",
+            "/v1/stream/a%-f",
         ] {
             assert_eq!(
                 key(bad).unwrap_err().status,
