@@ -140,15 +140,15 @@ impl<L: Log> Engine<L> {
         let Some(id) = id else {
             return Ok(0);
         };
-        if L::IMMEDIATE {
-            if let Some(info) = index.info(id) {
-                index.publish(id, info.tail, info.closed);
+        if let Some((tail, closed)) = index.written(id) {
+            if L::IMMEDIATE {
+                index.publish(id, tail, closed);
+            } else {
+                // Published by whichever request or maintenance pass first
+                // sees the log durable past this point, even if this request
+                // is abandoned before it gets there.
+                index.schedule(self.log.ticket(), id, tail, closed);
             }
-        } else if let Some(info) = index.info(id) {
-            // Published by whichever request or maintenance pass first sees
-            // the log durable past this point, even if this request is
-            // abandoned before it gets there.
-            index.schedule(self.log.ticket(), id, info.tail, info.closed);
         }
         Ok(id)
     }

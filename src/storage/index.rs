@@ -465,6 +465,13 @@ impl Index {
         self.streams.get(&id).map(|entry| entry.info(id))
     }
 
+    /// The stream's tail and closure, pending changes included.
+    pub(crate) fn written(&self, id: u64) -> Option<(Offset, bool)> {
+        self.streams
+            .get(&id)
+            .map(|entry| (entry.tail, entry.writer.closed))
+    }
+
     /// Applies a decided (or replayed) operation. `chunks` holds where each of
     /// the operation's records now lives, in order. An operation on a stream
     /// the index does not have changes nothing.
@@ -558,7 +565,9 @@ impl Index {
         entry.durable = true;
         entry.durable_tail = tail;
         entry.durable_closed = closed;
-        if changed {
+        // Readers subscribe under the same lock, so with none subscribed
+        // now there is nobody to wake; skipping the send saves its locks.
+        if changed && entry.wake.receiver_count() > 0 {
             entry.wake.send_replace(());
         }
     }
