@@ -268,22 +268,49 @@ where
             config: self.config.clone(),
             control: self.control.clone(),
         };
+        let (parts, body) = request.into_parts();
+        let is_head = parts.method == Method::HEAD;
+        // Requests answered without storage are answered here; the others
+        // box only their own method's future, which holds only what that
+        // method needs.
+        let state = match handler.route(parts, body) {
+            Ok(future) => State::Waiting(future),
+            Err(outcome) => State::Ready(Some(outcome)),
+        };
         ResponseFuture {
-            inner: Box::pin(handler.handle(request)),
+            state,
+            cors: self.config.cors,
+            is_head,
         }
     }
 }
 
 /// The future of [`DurableStreamsService`].
 pub struct ResponseFuture {
-    inner: BoxFuture<Response<Body>>,
+    state: State,
+    cors: bool,
+    is_head: bool,
+}
+
+enum State {
+    Ready(Option<Outcome>),
+    Waiting(BoxFuture<Outcome>),
 }
 
 impl Future for ResponseFuture {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx).map(Ok)
+        let outcome = match &mut self.state {
+            State::Ready(outcome) => outcome.take().expect("polled after completion"),
+            State::Waiting(future) => std::task::ready!(future.as_mut().poll(cx)),
+        };
+        let mut response = outcome.unwrap_or_else(resp::refusal);
+        if self.is_head {
+            *response.body_mut() = Body::empty();
+        }
+        resp::common(response.headers_mut(), self.cors);
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -307,47 +334,30 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
-    async fn handle<B>(self, request: Request<B>) -> Response<Body>
-    where
-        B: HttpBody + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
-        let cors = self.config.cors;
-        let is_head = request.method() == Method::HEAD;
-        let (parts, body) = request.into_parts();
-        let mut response = match self.dispatch(parts, body).await {
-            Ok(response) => response,
-            Err(refusal) => resp::refusal(refusal),
-        };
-        if is_head {
-            *response.body_mut() = Body::empty();
-        }
-        resp::common(response.headers_mut(), cors);
-        response
-    }
-
-    async fn dispatch<B>(self, parts: Parts, body: B) -> Outcome
+    /// The future that answers a request, or the answer itself when no
+    /// storage is needed.
+    fn route<B>(self, parts: Parts, body: B) -> Result<BoxFuture<Outcome>, Outcome>
     where
         B: HttpBody + Send + 'static,
         B::Error: Into<BoxError>,
     {
         if parts.method == Method::OPTIONS && self.config.cors {
-            return Ok(resp::preflight());
+            return Err(Ok(resp::preflight()));
         }
-        let path = request::stream_key(parts.uri.path(), &self.config.prefix)?;
+        let path = request::stream_key(parts.uri.path(), &self.config.prefix).map_err(Err)?;
         if path == "__ds" || path.starts_with("__ds/") {
-            return self.control(path, parts, body).await;
+            return Ok(Box::pin(self.control(path, parts, body)));
         }
         match parts.method {
-            Method::PUT => self.create(path, parts, body).await,
-            Method::POST => self.append(path, parts, body).await,
-            Method::GET => self.read(path, parts).await,
-            Method::HEAD => self.head(path).await,
-            Method::DELETE => self.delete(path).await,
-            _ => Err(Refusal::new(
+            Method::PUT => Ok(Box::pin(self.create(path, parts, body))),
+            Method::POST => self.append(path, &parts.headers, body),
+            Method::GET => Ok(Box::pin(self.read(path, parts))),
+            Method::HEAD => Ok(Box::pin(self.head(path))),
+            Method::DELETE => Ok(Box::pin(self.delete(path))),
+            _ => Err(Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed",
-            )),
+            ))),
         }
     }
 
@@ -380,11 +390,12 @@ where
         Ok(control.handle(request).await)
     }
 
-    async fn call(self, request: StorageRequest) -> Result<StorageResponse, Response<Body>> {
-        self.storage
-            .oneshot(request)
+    async fn call(mut self, request: StorageRequest) -> Result<StorageResponse, Response<Body>> {
+        let storage_error = |e: S::Error| resp::storage_error(e.into());
+        std::future::poll_fn(|cx| self.storage.poll_ready(cx))
             .await
-            .map_err(|e| resp::storage_error(e.into()))
+            .map_err(storage_error)?;
+        self.storage.call(request).await.map_err(storage_error)
     }
 
     async fn create<B>(self, path: String, parts: Parts, body: B) -> Outcome
@@ -424,68 +435,78 @@ where
         Ok(response)
     }
 
-    async fn append<B>(self, path: String, parts: Parts, body: B) -> Outcome
+    /// An append or close. The headers are checked before the body is
+    /// read, and the future keeps only what it needs of them.
+    fn append<B>(
+        self,
+        path: String,
+        headers: &HeaderMap,
+        body: B,
+    ) -> Result<BoxFuture<Outcome>, Outcome>
     where
         B: HttpBody + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let headers = &parts.headers;
         let close = h::closed_flag(headers);
-        let producer = request::producer(headers)?;
-        let stream_seq = request::stream_seq(headers)?;
-        let body = read_body(body, headers, &self.config).await?;
+        let producer = request::producer(headers).map_err(Err)?;
+        let stream_seq = request::stream_seq(headers).map_err(Err)?;
         // With no body the request can only be a close, and its Content-Type
-        // (often a client library's default) is ignored.
-        let content_type = if body.is_empty() {
-            if !close {
-                return Err(Refusal::bad_request("empty body"));
+        // (often a client library's default) is ignored; so a bad one only
+        // counts once there is a body.
+        let content_type = request::content_type(headers);
+        let body_read = BodyRead::new(headers, &self.config).map_err(Err)?;
+        Ok(Box::pin(async move {
+            let body = body_read.collect(body).await?;
+            let content_type = if body.is_empty() {
+                if !close {
+                    return Err(Refusal::bad_request("empty body"));
+                }
+                None
+            } else {
+                Some(content_type?.ok_or_else(|| Refusal::bad_request("missing Content-Type"))?)
+            };
+            let records = match &content_type {
+                Some(ct) => rules::records(ct, body, false),
+                None => Ok(Vec::new()),
+            };
+            let hook = self.control.clone().map(|control| (control, path.clone()));
+            let append = Append {
+                path,
+                content_type,
+                records,
+                close,
+                stream_seq,
+                producer,
+                now: SystemTime::now(),
+            };
+            let appended = match self.call(StorageRequest::Append(append)).await {
+                Ok(StorageResponse::Appended(appended)) => appended,
+                Ok(other) => return Ok(unexpected(&other)),
+                Err(response) => return Ok(response),
+            };
+            if let Some((control, path)) = hook.filter(|_| appended.appended) {
+                control.observe(&path, appended.info.tail);
             }
-            None
-        } else {
-            Some(
-                request::content_type(headers)?
-                    .ok_or_else(|| Refusal::bad_request("missing Content-Type"))?,
-            )
-        };
-        let records = match &content_type {
-            Some(ct) => rules::records(ct, body, false),
-            None => Ok(Vec::new()),
-        };
-        let hook = self.control.clone().map(|control| (control, path.clone()));
-        let append = Append {
-            path,
-            content_type,
-            records,
-            close,
-            stream_seq,
-            producer,
-            now: SystemTime::now(),
-        };
-        let appended = match self.call(StorageRequest::Append(append)).await {
-            Ok(StorageResponse::Appended(appended)) => appended,
-            Ok(other) => return Ok(unexpected(&other)),
-            Err(response) => return Ok(response),
-        };
-        if let Some((control, path)) = hook.filter(|_| appended.appended) {
-            control.observe(&path, appended.info.tail);
-        }
-        let (status, producer) = match appended.outcome {
-            AppendOutcome::Written { producer: None } | AppendOutcome::AlreadyClosed => {
-                (StatusCode::NO_CONTENT, None)
+            let (status, producer) = match appended.outcome {
+                AppendOutcome::Written { producer: None } | AppendOutcome::AlreadyClosed => {
+                    (StatusCode::NO_CONTENT, None)
+                }
+                // New data from a producer is 200; a producer's close-only is 204.
+                AppendOutcome::Written { producer } if appended.appended => {
+                    (StatusCode::OK, producer)
+                }
+                AppendOutcome::Written { producer } => (StatusCode::NO_CONTENT, producer),
+                AppendOutcome::Duplicate { producer } => (StatusCode::NO_CONTENT, Some(producer)),
+            };
+            let mut response = resp::with_status(status, Body::empty());
+            let headers = response.headers_mut();
+            resp::next_offset(headers, appended.info.tail, appended.info.closed);
+            if let Some(producer) = producer {
+                resp::insert(headers, h::PRODUCER_EPOCH, producer.epoch);
+                resp::insert(headers, h::PRODUCER_SEQ, producer.last_seq);
             }
-            // New data from a producer is 200; a producer's close-only is 204.
-            AppendOutcome::Written { producer } if appended.appended => (StatusCode::OK, producer),
-            AppendOutcome::Written { producer } => (StatusCode::NO_CONTENT, producer),
-            AppendOutcome::Duplicate { producer } => (StatusCode::NO_CONTENT, Some(producer)),
-        };
-        let mut response = resp::with_status(status, Body::empty());
-        let headers = response.headers_mut();
-        resp::next_offset(headers, appended.info.tail, appended.info.closed);
-        if let Some(producer) = producer {
-            resp::insert(headers, h::PRODUCER_EPOCH, producer.epoch);
-            resp::insert(headers, h::PRODUCER_SEQ, producer.last_seq);
-        }
-        Ok(response)
+            Ok(response)
+        }))
     }
 
     async fn read(self, path: String, parts: Parts) -> Outcome {
@@ -706,133 +727,178 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// Collects a request body, refusing more than `limit` bytes with `413`.
-///
-/// Compressed bodies are refused with `415`: offsets and sub-offsets count
-/// decoded bytes, and the server does not decode.
 async fn read_body<B>(body: B, headers: &HeaderMap, config: &Config) -> Result<Bytes, Refusal>
 where
     B: HttpBody,
     B::Error: Into<BoxError>,
 {
-    let encoded = headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
-    if encoded {
-        return Err(Refusal::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Encoding is not supported",
-        ));
-    }
-    // The connection undoes `chunked` only; the body under any other
-    // transfer coding would be stored still coded (RFC 9112 section 6.1).
-    let transfer_coded = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .any(|coding| {
-            !coding.eq_ignore_ascii_case(b"chunked") && !coding.eq_ignore_ascii_case(b"identity")
-        });
-    if transfer_coded {
-        return Err(Refusal::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "only the chunked Transfer-Encoding is supported",
-        ));
-    }
-    let mut body = std::pin::pin!(body);
-    match collect_within(body.as_mut(), headers, config).await {
-        Err(refusal) if refusal.status == StatusCode::PAYLOAD_TOO_LARGE => {
-            // A client that is still sending cannot read the answer once
-            // the connection is reset under it, so take (a bounded amount
-            // of) the rest first. One waiting for `100 Continue` has sent
-            // nothing, and polling would ask it to.
-            if !expects_continue(headers) {
-                discard(body, config).await;
-            }
-            Err(refusal)
-        }
-        other => other,
-    }
+    BodyRead::new(headers, config)?.collect(body).await
 }
 
-/// The body's bytes, or a refusal once it passes `config.max_body_size`.
-async fn collect_within<B>(
-    mut body: Pin<&mut B>,
-    headers: &HeaderMap,
-    config: &Config,
-) -> Result<Bytes, Refusal>
-where
-    B: HttpBody,
-    B::Error: Into<BoxError>,
-{
-    let limit = config.max_body_size;
-    let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(too_large());
-    }
-    let mut collected = BytesMut::new();
-    let started = tokio::time::Instant::now();
-    loop {
-        // Each part within `body_timeout`, and past that much time, the
-        // whole at MIN_BODY_RATE on average: a client that trickles a byte
-        // just inside every timeout cannot hold a request open forever.
-        let elapsed = started.elapsed();
-        if elapsed > config.body_timeout
-            && (collected.len() as f64) < elapsed.as_secs_f64() * MIN_BODY_RATE
-        {
+/// How a request body is to be read, from its headers and the service's
+/// limits.
+struct BodyRead {
+    limit: usize,
+    declared: Option<u64>,
+    timeout: Duration,
+    expects_continue: bool,
+}
+
+impl BodyRead {
+    /// Refuses bodies the service cannot store as sent: compressed ones
+    /// with `415` (offsets count decoded bytes, and the server does not
+    /// decode), other transfer codings with `501`.
+    fn new(headers: &HeaderMap, config: &Config) -> Result<Self, Refusal> {
+        let encoded = headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+        if encoded {
             return Err(Refusal::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request body arrives too slowly",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Encoding is not supported",
             ));
         }
-        let next = tokio::time::timeout(config.body_timeout, body.frame())
-            .await
-            .map_err(|_| Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body timed out"))?;
-        let Some(frame) = next else {
-            break;
-        };
-        let frame = frame.map_err(|e| {
-            let e: BoxError = e.into();
-            // A length limit outside the service (tower-http's
-            // `RequestBodyLimitLayer`) ends the body with this error.
-            if caused_by::<http_body_util::LengthLimitError>(&*e) {
-                return too_large();
+        // The connection undoes `chunked` only; the body under any other
+        // transfer coding would be stored still coded (RFC 9112 section 6.1).
+        let transfer_coded = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|coding| {
+                !coding.eq_ignore_ascii_case(b"chunked")
+                    && !coding.eq_ignore_ascii_case(b"identity")
+            });
+        if transfer_coded {
+            return Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "only the chunked Transfer-Encoding is supported",
+            ));
+        }
+        Ok(Self {
+            limit: config.max_body_size,
+            declared: headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+            timeout: config.body_timeout,
+            expects_continue: expects_continue(headers),
+        })
+    }
+
+    async fn collect<B>(self, body: B) -> Result<Bytes, Refusal>
+    where
+        B: HttpBody,
+        B::Error: Into<BoxError>,
+    {
+        let mut body = std::pin::pin!(body);
+        match self.collect_within(body.as_mut()).await {
+            Err(refusal) if refusal.status == StatusCode::PAYLOAD_TOO_LARGE => {
+                // A client that is still sending cannot read the answer once
+                // the connection is reset under it, so take (a bounded
+                // amount of) the rest first. One waiting for `100 Continue`
+                // has sent nothing, and polling would ask it to.
+                if !self.expects_continue {
+                    discard(body, self.timeout).await;
+                }
+                Err(refusal)
             }
-            tracing::debug!(error = %e, "request body failed");
-            Refusal::bad_request("could not read the request body")
-        })?;
-        if let Ok(mut data) = frame.into_data() {
-            use bytes::Buf;
-            if collected.len() + data.remaining() > limit {
-                return Err(too_large());
-            }
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                collected.extend_from_slice(chunk);
-                let n = chunk.len();
-                data.advance(n);
-            }
+            other => other,
         }
     }
-    Ok(collected.freeze())
+
+    /// The body's bytes, or a refusal once it passes the limit.
+    async fn collect_within<B>(&self, mut body: Pin<&mut B>) -> Result<Bytes, Refusal>
+    where
+        B: HttpBody,
+        B::Error: Into<BoxError>,
+    {
+        use bytes::Buf;
+
+        let too_large = || Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        if self.declared.is_some_and(|len| len > self.limit as u64) {
+            return Err(too_large());
+        }
+        // Room for what the client declared, but not more than a little on
+        // its word alone.
+        let capacity = self.declared.unwrap_or(0).min(64 * 1024) as usize;
+        let mut collected = BytesMut::with_capacity(capacity);
+        let started = tokio::time::Instant::now();
+        // One timer for the whole body, moved on after each part.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(started + self.timeout));
+        let mut parts = 0u32;
+        while !body.is_end_stream() {
+            // Each part within the timeout, and past that much time, the
+            // whole at MIN_BODY_RATE on average: a client that trickles a
+            // byte just inside every timeout cannot hold a request open
+            // forever.
+            let elapsed = if parts > 0 {
+                started.elapsed()
+            } else {
+                Duration::ZERO
+            };
+            parts += 1;
+            if elapsed > self.timeout
+                && (collected.len() as f64) < elapsed.as_secs_f64() * MIN_BODY_RATE
+            {
+                return Err(Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body arrives too slowly",
+                ));
+            }
+            let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+            })
+            .await
+            .ok_or_else(|| Refusal::new(StatusCode::REQUEST_TIMEOUT, "request body timed out"))?;
+            let Some(frame) = next else {
+                break;
+            };
+            let frame = frame.map_err(|e| {
+                let e: BoxError = e.into();
+                // A length limit outside the service (tower-http's
+                // `RequestBodyLimitLayer`) ends the body with this error.
+                if caused_by::<http_body_util::LengthLimitError>(&*e) {
+                    return too_large();
+                }
+                tracing::debug!(error = %e, "request body failed");
+                Refusal::bad_request("could not read the request body")
+            })?;
+            if let Ok(mut data) = frame.into_data() {
+                if collected.len() + data.remaining() > self.limit {
+                    return Err(too_large());
+                }
+                // Copied, not kept: a part may share its allocation with
+                // the connection's read buffer, which a stored record must
+                // not pin.
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    collected.extend_from_slice(chunk);
+                    let n = chunk.len();
+                    data.advance(n);
+                }
+            }
+            if !body.is_end_stream() {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.timeout);
+            }
+        }
+        Ok(collected.freeze())
+    }
 }
 
 /// Reads and drops what is left of a refused body: at most
 /// [`MAX_DISCARD`] bytes, for at most [`DISCARD_TIME`].
-async fn discard<B>(mut body: Pin<&mut B>, config: &Config)
+async fn discard<B>(mut body: Pin<&mut B>, timeout: Duration)
 where
     B: HttpBody,
 {
     let drain = async {
         let mut left = MAX_DISCARD;
-        while let Ok(Some(Ok(frame))) =
-            tokio::time::timeout(config.body_timeout, body.frame()).await
-        {
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(timeout, body.frame()).await {
             let n = frame.data_ref().map_or(0, bytes::Buf::remaining);
             match left.checked_sub(n) {
                 Some(rest) => left = rest,
