@@ -204,33 +204,66 @@ pub(crate) fn with_offset(uri: &http::Uri, offset: &str) -> http::Uri {
     http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
-/// The boxed response future of the live layers,
-/// [`long_poll::ResponseFuture`](crate::long_poll::ResponseFuture) and
-/// [`sse::ResponseFuture`](crate::sse::ResponseFuture).
-pub struct LiveFuture<T, E> {
-    inner: crate::BoxFuture<Result<T, E>>,
+pin_project_lite::pin_project! {
+    /// The response future of the live layers,
+    /// [`long_poll::ResponseFuture`](crate::long_poll::ResponseFuture) and
+    /// [`sse::ResponseFuture`](crate::sse::ResponseFuture): for a request that
+    /// is not a live read, the inner service's future `F` with its body
+    /// wrapped in `B`; for a live read, the boxed work of following the
+    /// stream.
+    pub struct LiveFuture<F, B, E> {
+        #[pin]
+        kind: LiveKind<F, B, E>,
+    }
 }
 
-impl<T, E> LiveFuture<T, E> {
-    pub(crate) fn new<F>(future: F) -> Self
+pin_project_lite::pin_project! {
+    #[project = LiveKindProj]
+    enum LiveKind<F, B, E> {
+        Inner { #[pin] future: F },
+        Live { future: crate::BoxFuture<Result<http::Response<B>, E>> },
+    }
+}
+
+impl<F, B, E> LiveFuture<F, B, E> {
+    /// Passes the inner service's future through.
+    pub(crate) fn inner(future: F) -> Self {
+        Self {
+            kind: LiveKind::Inner { future },
+        }
+    }
+
+    /// Runs a live read.
+    pub(crate) fn live<L>(future: L) -> Self
     where
-        F: Future<Output = Result<T, E>> + Send + 'static,
+        L: Future<Output = Result<http::Response<B>, E>> + Send + 'static,
     {
         Self {
-            inner: Box::pin(future),
+            kind: LiveKind::Live {
+                future: Box::pin(future),
+            },
         }
     }
 }
 
-impl<T, E> Future for LiveFuture<T, E> {
-    type Output = Result<T, E>;
+impl<F, B, E, ResBody> Future for LiveFuture<F, B, E>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+    B: From<ResBody>,
+{
+    type Output = Result<http::Response<B>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            LiveKindProj::Inner { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(B::from))),
+            LiveKindProj::Live { future } => future.as_mut().poll(cx),
+        }
     }
 }
 
-impl<T, E> fmt::Debug for LiveFuture<T, E> {
+impl<F, B, E> fmt::Debug for LiveFuture<F, B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LiveFuture").finish_non_exhaustive()
     }

@@ -175,7 +175,8 @@ mod long_poll {
     fn start(
         service: &mut mock::Spawn<Service>,
         request: Request<String>,
-    ) -> Spawn<ResponseFuture<Full<Bytes>, BoxError>> {
+    ) -> Spawn<ResponseFuture<mock::future::ResponseFuture<InnerResponse>, Full<Bytes>, BoxError>>
+    {
         assert_ready_ok!(service.poll_ready());
         let mut future = task::spawn(service.call(request));
         assert_pending!(future.poll());

@@ -24,6 +24,13 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// The inner service's body, passed through.
+impl<B> From<B> for ResponseBody<B> {
+    fn from(body: B) -> Self {
+        Self::inner(body)
+    }
+}
+
 /// An empty body, so that middleware that answers on its own (tower-http's
 /// `TimeoutLayer`) can wrap the stack.
 impl<B> Default for ResponseBody<B> {

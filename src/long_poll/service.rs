@@ -44,7 +44,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -52,14 +52,13 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         if !live::is_live(&request, "long-poll") {
-            let future = self.inner.call(request.map(LiveRequestBody::new));
-            return LiveFuture::new(async move { Ok(future.await?.map(ResponseBody::inner)) });
+            return LiveFuture::inner(self.inner.call(request.map(LiveRequestBody::new)));
         }
         // Take the service that was driven to readiness; leave a clone.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (parts, _) = request.into_parts();
-        LiveFuture::new(long_poll(inner, parts, self.timeout))
+        LiveFuture::live(long_poll(inner, parts, self.timeout))
     }
 }
 
@@ -140,4 +139,4 @@ fn add_cursor(headers: &mut HeaderMap, echoed: Option<&str>) {
 }
 
 /// The future of [`LongPoll`].
-pub type ResponseFuture<B, E> = LiveFuture<Response<ResponseBody<B>>, E>;
+pub type ResponseFuture<F, B, E> = LiveFuture<F, ResponseBody<B>, E>;

@@ -58,7 +58,7 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -67,8 +67,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let inner_body = ResponseBody::inner;
         if !live::is_live(&request, "sse") {
-            let future = self.inner.call(request.map(LiveRequestBody::new));
-            return LiveFuture::new(async move { Ok(future.await?.map(inner_body)) });
+            return LiveFuture::inner(self.inner.call(request.map(LiveRequestBody::new)));
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -78,7 +77,7 @@ where
         // be a body the events can start from.
         parts.headers.remove(header::IF_NONE_MATCH);
         let deadline = Instant::now() + self.connection_lifetime;
-        LiveFuture::new(async move {
+        LiveFuture::live(async move {
             let request = Request::from_parts(parts.clone(), LiveRequestBody::empty());
             let first = inner.call(request).await?;
             if first.status() != StatusCode::OK {
@@ -288,4 +287,4 @@ where
 }
 
 /// The future of [`Sse`].
-pub type ResponseFuture<B, E> = LiveFuture<Response<ResponseBody<B>>, E>;
+pub type ResponseFuture<F, B, E> = LiveFuture<F, ResponseBody<B>, E>;
