@@ -4,23 +4,24 @@
 mod cli;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::{Method, Request, Response};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 use tower_durable_streams::storage::{
     FileStorage, PostgresStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
@@ -215,19 +216,7 @@ where
                 .max_body_size(args.max_body_size)
                 .subscriptions(subscriptions),
         );
-    let app = service_fn(move |request: Request<Incoming>| {
-        let streams = streams.clone();
-        async move {
-            if request.uri().path() == "/health"
-                && matches!(*request.method(), Method::GET | Method::HEAD)
-            {
-                let ok = Full::new(Bytes::from_static(b"ok\n")).map_err(|e| match e {});
-                return Ok::<_, Infallible>(Response::new(BoxBody::new(ok)));
-            }
-            let response = streams.oneshot(request).await?;
-            Ok(response.map(BoxBody::new))
-        }
-    });
+    let app = App { streams };
 
     let listener = TcpListener::bind(args.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, storage = ?args.storage, prefix = %args.prefix, "listening");
@@ -257,7 +246,7 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(app.clone());
+                let service = app.clone();
                 let (http1, http2) = (http1.clone(), http2.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
@@ -317,6 +306,84 @@ async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
     tokio::time::timeout(HEADER_READ_TIMEOUT, peek)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// The server's routes: `/health`, and the streams everywhere else.
+///
+/// It is hyper's service, called with `&self` for each request on a
+/// connection, rather than a tower service behind hyper-util's adapter: the
+/// stack is ready at once, so a request costs one clone of it and no boxed
+/// future on the way in.
+#[derive(Clone)]
+struct App<S> {
+    streams: S,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for App<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Either<Full<Bytes>, B>>;
+    type Error = Infallible;
+    type Future = AppFuture<S>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        if request.uri().path() == "/health"
+            && matches!(*request.method(), Method::GET | Method::HEAD)
+        {
+            let ok = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            return AppFuture::Health { response: Some(ok) };
+        }
+        let mut streams = self.streams.clone();
+        // The layers and the service are always ready; a stack that is not
+        // is waited for the usual way.
+        let mut cx = Context::from_waker(Waker::noop());
+        match streams.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => AppFuture::Streams {
+                future: streams.call(request),
+            },
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => AppFuture::Waiting {
+                future: Box::pin(streams.oneshot(request)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`App`].
+    #[project = AppProj]
+    enum AppFuture<S>
+    where
+        S: tower::Service<Request<Incoming>>,
+    {
+        Health { response: Option<Response<Full<Bytes>>> },
+        Streams { #[pin] future: S::Future },
+        Waiting { future: Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>> },
+    }
+}
+
+impl<S, B> Future for AppFuture<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+{
+    type Output = Result<Response<Either<Full<Bytes>, B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = match self.project() {
+            AppProj::Health { response } => {
+                let response = response.take().expect("polled after completion");
+                return Poll::Ready(Ok(response.map(Either::Left)));
+            }
+            AppProj::Streams { future } => ready!(future.poll(cx))?,
+            AppProj::Waiting { future } => ready!(future.as_mut().poll(cx))?,
+        };
+        Poll::Ready(Ok(response.map(Either::Right)))
+    }
 }
 
 async fn shutdown_signal() {
