@@ -61,6 +61,10 @@ struct Pending {
     deletes: u64,
     failed: Option<StreamErrorKind>,
     closing: bool,
+    /// The writer thread is asleep on `wake_writer`. While it is busy it
+    /// finds new frames on its own, so only a sleeping writer is woken:
+    /// `Condvar::notify_one` is a system call whether anyone waits or not.
+    writer_asleep: bool,
 }
 
 struct Shared {
@@ -153,6 +157,7 @@ impl FileLog {
                 deletes: 0,
                 failed: None,
                 closing: false,
+                writer_asleep: false,
             }),
             wake_writer: Condvar::new(),
             durable: watch::Sender::new(Durable::default()),
@@ -230,7 +235,7 @@ impl std::fmt::Debug for FileLog {
 impl Drop for FileLog {
     fn drop(&mut self) {
         self.shared.pending().closing = true;
-        self.shared.wake_writer.notify_one();
+        self.shared.wake_writer.notify_all();
         if let Some(handle) = self.writer.take() {
             let _ = handle.join();
         }
@@ -281,8 +286,11 @@ impl Log for FileLog {
         if matches!(op, Op::Delete { .. }) {
             pending.deletes += 1;
         }
+        let asleep = std::mem::take(&mut pending.writer_asleep);
         drop(pending);
-        self.shared.wake_writer.notify_one();
+        if asleep {
+            self.shared.wake_writer.notify_one();
+        }
         Ok(chunks)
     }
 
@@ -354,11 +362,13 @@ impl Writer {
             let (batches, lsn) = {
                 let mut pending = shared.pending();
                 while pending.batches.is_empty() && !pending.closing {
+                    pending.writer_asleep = true;
                     pending = shared
                         .wake_writer
                         .wait(pending)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
+                pending.writer_asleep = false;
                 if pending.batches.is_empty() {
                     return;
                 }
