@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -351,7 +351,7 @@ where
         match parts.method {
             Method::PUT => Ok(Box::pin(self.create(path, parts, body))),
             Method::POST => self.append(path, &parts.headers, body),
-            Method::GET => Ok(Box::pin(self.read(path, parts))),
+            Method::GET => self.read(path, &parts),
             Method::HEAD => Ok(Box::pin(self.head(path))),
             Method::DELETE => Ok(Box::pin(self.delete(path))),
             _ => Err(Err(Refusal::new(
@@ -509,24 +509,35 @@ where
         }))
     }
 
-    async fn read(self, path: String, parts: Parts) -> Outcome {
-        let query = ReadQuery::parse(parts.uri.query())?;
-        let from = query.from()?;
+    /// A catch-up read, or one step of a live read for the layers. The
+    /// query is checked before anything is boxed, and the future keeps only
+    /// the `If-None-Match` values of the request.
+    fn read(self, path: String, parts: &Parts) -> Result<BoxFuture<Outcome>, Outcome> {
+        let query = ReadQuery::parse(parts.uri.query()).map_err(Err)?;
+        let from = query.from().map_err(Err)?;
         let subscribe = parts.extensions.get::<Subscribe>().is_some();
         match query.live.as_deref() {
             None => {}
             Some(mode @ ("long-poll" | "sse")) => {
                 if query.offset.is_none() {
-                    return Err(Refusal::bad_request("live reads need an offset"));
+                    return Err(Err(Refusal::bad_request("live reads need an offset")));
                 }
                 if !subscribe {
-                    return Err(Refusal::bad_request(format!("live={mode} is not enabled")));
+                    return Err(Err(Refusal::bad_request(format!(
+                        "live={mode} is not enabled"
+                    ))));
                 }
             }
-            Some(_) => return Err(Refusal::bad_request("unknown live mode")),
+            Some(_) => return Err(Err(Refusal::bad_request("unknown live mode"))),
         }
         let read_on =
             (subscribe && query.live.as_deref() == Some("sse")).then(|| self.read_on(path.clone()));
+        let if_none_match: Vec<HeaderValue> = parts
+            .headers
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .cloned()
+            .collect();
         let read = Read {
             path,
             from,
@@ -534,54 +545,20 @@ where
             subscribe,
             now: SystemTime::now(),
         };
-        let result = match self.call(StorageRequest::Read(read)).await {
-            Ok(StorageResponse::Read(result)) => result,
-            Ok(other) => return Ok(unexpected(&other)),
-            Err(response) => return Ok(response),
-        };
-        let up_to_date = result.up_to_date();
-        let closed = result.info.closed && up_to_date;
-        let body = if result.info.content_type.is_json() {
-            Body::new(json::array(&result.records))
-        } else {
-            Body::from_chunks(result.records.iter().cloned())
-        };
-        let mut response = resp::with_status(StatusCode::OK, body);
-        let headers = response.headers_mut();
-        resp::insert(
-            headers,
-            header::CONTENT_TYPE,
-            result.info.content_type.as_str(),
-        );
-        resp::next_offset(headers, result.next, closed);
-        if up_to_date {
-            resp::set_true(headers, h::STREAM_UP_TO_DATE);
-        }
-        if from != ReadFrom::Now {
-            let etag = format!(
-                "\"{}:{}:{}{}\"",
-                result.info.id,
-                result.start,
-                result.next,
-                if closed { ":c" } else { "" }
-            );
-            if if_none_match(&parts.headers, &etag) {
-                *response.status_mut() = StatusCode::NOT_MODIFIED;
-                *response.body_mut() = Body::empty();
-                response.headers_mut().remove(header::CONTENT_TYPE);
-            }
-            resp::insert(response.headers_mut(), header::ETAG, etag);
-        }
-        if subscribe && result.records.is_empty() && result.next == result.start {
-            response.extensions_mut().insert(AtTail);
-        }
-        if let Some(wait) = result.wait {
-            response.extensions_mut().insert(wait);
-        }
-        if let Some(read_on) = read_on {
-            response.extensions_mut().insert(read_on);
-        }
-        Ok(response)
+        Ok(Box::pin(async move {
+            let result = match self.call(StorageRequest::Read(read)).await {
+                Ok(StorageResponse::Read(result)) => result,
+                Ok(other) => return Ok(unexpected(&other)),
+                Err(response) => return Ok(response),
+            };
+            Ok(read_response(
+                result,
+                from,
+                subscribe,
+                &if_none_match,
+                read_on,
+            ))
+        }))
     }
 
     /// Reads of `path` from later offsets, for the SSE layer to follow the
@@ -640,6 +617,71 @@ where
             Err(response) => Ok(response),
         }
     }
+}
+
+/// The response to a read: its records, where it ended, and for the live
+/// layers whether it waits at the tail.
+fn read_response(
+    result: ReadResult,
+    from: ReadFrom,
+    subscribe: bool,
+    if_none_match: &[HeaderValue],
+    read_on: Option<ReadOn>,
+) -> Response<Body> {
+    let up_to_date = result.up_to_date();
+    let closed = result.info.closed && up_to_date;
+    let body = if result.info.content_type.is_json() {
+        Body::new(json::array(&result.records))
+    } else {
+        Body::from_chunks(result.records.iter().cloned())
+    };
+    let mut response = resp::with_status(StatusCode::OK, body);
+    let headers = response.headers_mut();
+    // Room for these and the common headers, so the map never regrows.
+    headers.reserve(12);
+    resp::insert(
+        headers,
+        header::CONTENT_TYPE,
+        result.info.content_type.as_str(),
+    );
+    resp::next_offset(headers, result.next, closed);
+    if up_to_date {
+        resp::set_true(headers, h::STREAM_UP_TO_DATE);
+    }
+    if from != ReadFrom::Now {
+        let etag = etag(&result, closed);
+        if if_none_match_hits(if_none_match, &etag) {
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            *response.body_mut() = Body::empty();
+            response.headers_mut().remove(header::CONTENT_TYPE);
+        }
+        resp::insert(response.headers_mut(), header::ETAG, etag);
+    }
+    if subscribe && result.records.is_empty() && result.next == result.start {
+        response.extensions_mut().insert(AtTail);
+    }
+    if let Some(wait) = result.wait {
+        response.extensions_mut().insert(wait);
+    }
+    if let Some(read_on) = read_on {
+        response.extensions_mut().insert(read_on);
+    }
+    response
+}
+
+/// The entity tag of a read: the stream's incarnation and the range read.
+fn etag(result: &ReadResult, closed: bool) -> String {
+    use std::fmt::Write;
+    let mut etag = String::with_capacity(96);
+    let _ = write!(
+        etag,
+        "\"{}:{}:{}{}\"",
+        result.info.id,
+        result.start,
+        result.next,
+        if closed { ":c" } else { "" }
+    );
+    etag
 }
 
 /// A backend answered with the wrong kind of response.
@@ -716,9 +758,8 @@ fn normalize_prefix(prefix: &str) -> String {
     }
 }
 
-fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
+fn if_none_match_hits(values: &[HeaderValue], etag: &str) -> bool {
+    values
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
