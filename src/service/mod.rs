@@ -273,9 +273,13 @@ where
         // Requests answered without storage are answered here; the others
         // box only their own method's future, which holds only what that
         // method needs.
-        let state = match handler.route(parts, body) {
-            Ok(future) => State::Waiting(future),
-            Err(outcome) => State::Ready(Some(outcome)),
+        let state = if parts.method == Method::OPTIONS && self.config.cors {
+            State::Ready(Some(Ok(resp::preflight())))
+        } else {
+            match handler.route(parts, body) {
+                Ok(future) => State::Waiting(future),
+                Err(refusal) => State::Ready(Some(Err(refusal))),
+            }
         };
         ResponseFuture {
             state,
@@ -334,17 +338,14 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
-    /// The future that answers a request, or the answer itself when no
-    /// storage is needed.
-    fn route<B>(self, parts: Parts, body: B) -> Result<BoxFuture<Outcome>, Outcome>
+    /// The future that answers a request, or its refusal when the request
+    /// is refused before any storage is asked.
+    fn route<B>(self, parts: Parts, body: B) -> Result<BoxFuture<Outcome>, Refusal>
     where
         B: HttpBody + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if parts.method == Method::OPTIONS && self.config.cors {
-            return Err(Ok(resp::preflight()));
-        }
-        let path = request::stream_key(parts.uri.path(), &self.config.prefix).map_err(Err)?;
+        let path = request::stream_key(parts.uri.path(), &self.config.prefix)?;
         if path == "__ds" || path.starts_with("__ds/") {
             return Ok(Box::pin(self.control(path, parts, body)));
         }
@@ -354,10 +355,10 @@ where
             Method::GET => self.read(path, &parts),
             Method::HEAD => Ok(Box::pin(self.head(path))),
             Method::DELETE => Ok(Box::pin(self.delete(path))),
-            _ => Err(Err(Refusal::new(
+            _ => Err(Refusal::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed",
-            ))),
+            )),
         }
     }
 
@@ -442,19 +443,19 @@ where
         path: String,
         headers: &HeaderMap,
         body: B,
-    ) -> Result<BoxFuture<Outcome>, Outcome>
+    ) -> Result<BoxFuture<Outcome>, Refusal>
     where
         B: HttpBody + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let close = h::closed_flag(headers);
-        let producer = request::producer(headers).map_err(Err)?;
-        let stream_seq = request::stream_seq(headers).map_err(Err)?;
+        let producer = request::producer(headers)?;
+        let stream_seq = request::stream_seq(headers)?;
         // With no body the request can only be a close, and its Content-Type
         // (often a client library's default) is ignored; so a bad one only
         // counts once there is a body.
         let content_type = request::content_type(headers);
-        let body_read = BodyRead::new(headers, &self.config).map_err(Err)?;
+        let body_read = BodyRead::new(headers, &self.config)?;
         Ok(Box::pin(async move {
             let body = body_read.collect(body).await?;
             let content_type = if body.is_empty() {
@@ -512,23 +513,21 @@ where
     /// A catch-up read, or one step of a live read for the layers. The
     /// query is checked before anything is boxed, and the future keeps only
     /// the `If-None-Match` values of the request.
-    fn read(self, path: String, parts: &Parts) -> Result<BoxFuture<Outcome>, Outcome> {
-        let query = ReadQuery::parse(parts.uri.query()).map_err(Err)?;
-        let from = query.from().map_err(Err)?;
+    fn read(self, path: String, parts: &Parts) -> Result<BoxFuture<Outcome>, Refusal> {
+        let query = ReadQuery::parse(parts.uri.query())?;
+        let from = query.from()?;
         let subscribe = parts.extensions.get::<Subscribe>().is_some();
         match query.live.as_deref() {
             None => {}
             Some(mode @ ("long-poll" | "sse")) => {
                 if query.offset.is_none() {
-                    return Err(Err(Refusal::bad_request("live reads need an offset")));
+                    return Err(Refusal::bad_request("live reads need an offset"));
                 }
                 if !subscribe {
-                    return Err(Err(Refusal::bad_request(format!(
-                        "live={mode} is not enabled"
-                    ))));
+                    return Err(Refusal::bad_request(format!("live={mode} is not enabled")));
                 }
             }
-            Some(_) => return Err(Err(Refusal::bad_request("unknown live mode"))),
+            Some(_) => return Err(Refusal::bad_request("unknown live mode")),
         }
         let read_on =
             (subscribe && query.live.as_deref() == Some("sse")).then(|| self.read_on(path.clone()));
@@ -888,8 +887,18 @@ impl BodyRead {
                     "request body arrives too slowly",
                 ));
             }
+            // A body sent with its head is usually handed over by the
+            // connection right after this task first asks for it, so the
+            // first miss only yields; the timer is armed if the next poll
+            // still finds nothing, sparing most requests a timer.
+            let mut yielded = parts > 1;
             let next = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
                 Poll::Ready(frame) => Poll::Ready(Some(frame)),
+                Poll::Pending if !yielded => {
+                    yielded = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
                 Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
             })
             .await
