@@ -138,6 +138,7 @@ where
         read_on: None,
         wait: None,
         deadline,
+        lifetime: Box::pin(tokio::time::sleep_until(deadline)),
         cursor: next_cursor(SystemTime::now(), echoed.as_deref()),
         json: content_type.is_json(),
         base64: !content_type.is_sse_text(),
@@ -157,6 +158,9 @@ struct Events<S, ReqBody, ResBody> {
     read_on: Option<ReadOn>,
     wait: Option<TailWait>,
     deadline: Instant,
+    /// Fires at `deadline`. One timer for the connection's life, rather
+    /// than a new one each time it waits at the tail.
+    lifetime: std::pin::Pin<Box<tokio::time::Sleep>>,
     cursor: u64,
     json: bool,
     base64: bool,
@@ -183,13 +187,24 @@ where
             if let Some(wait) = self.wait.take() {
                 tokio::select! {
                     () = wait => {}
-                    () = tokio::time::sleep_until(self.deadline) => return None,
+                    () = &mut self.lifetime => return None,
                 }
             }
             if self.sent_control && Instant::now() >= self.deadline {
                 return None;
             }
-            let chunk = self.read().await?;
+            // Following the stream through the inner service's shortcut is
+            // the common step, and its future is already boxed; the other
+            // reads are boxed here, so that the future of a stream waiting at
+            // the tail, which every open connection holds, stays small.
+            let shortcut = match (&self.pending, &self.read_on, &self.offset) {
+                (None, Some(read_on), Some(offset)) => Some(read_on.read(offset)),
+                _ => None,
+            };
+            let chunk = match shortcut {
+                Some(read) => read.await,
+                None => Box::pin(self.read()).await,
+            }?;
             let has_data = !chunk.at_tail
                 && if self.json {
                     chunk.payload.trim_ascii() != b"[]"
@@ -230,14 +245,11 @@ where
         }
     }
 
-    /// The next read: the first response, then the inner service's
-    /// shortcut if it offered one, else a new request through it.
+    /// The next read when there is no shortcut to take: the first
+    /// response, else a new request through the inner service.
     async fn read(&mut self) -> Option<LiveChunk> {
         if let Some(response) = self.pending.take() {
             return self.unpack(response).await;
-        }
-        if let (Some(read_on), Some(offset)) = (&self.read_on, &self.offset) {
-            return read_on.read(offset).await;
         }
         let mut parts = self.parts.clone();
         if let Some(offset) = &self.offset {
