@@ -262,9 +262,9 @@ run_one() {
     [ "$try" -lt 3 ] || return 0
   done
   read -r -a args <<<"$(load_args "$scenario")"
-  case "$scenario" in
-    long-poll | sse-*) args+=(--server-pid "$server_pid") ;;
-  esac
+  # Live runs report the server's memory, the others its CPU time per
+  # request.
+  args+=(--server-pid "$server_pid")
   if line=$("$load" --url "$(url_of "$server" "$port")" --label "$server" --threads "$threads" \
     --json "${args[@]}" 2>>"$out/load.log"); then
     jq -c --arg bench "$scenario" --arg server "$server" --argjson run "$run" \
@@ -305,6 +305,7 @@ jq -s -r '
       p50: (map(.metrics.p50_ms) | median),
       p99: (map(.metrics.p99_ms) | median),
       rss: (map(.metrics.rss_mb) | median),
+      cpu: (map(.metrics.server_cpu_us_per_op) | median),
       missed: (map(.metrics.missed) | median),
       errors: (map(.metrics.errors) | add)
     }] as $stats
@@ -312,7 +313,7 @@ jq -s -r '
   | ($stats | map(select(.server | startswith("ours") | not))) as $peers
   | ($stats[] | [.bench, .server, (.runs | tostring),
       (.ops | r(0)), (.gbs | r(2)), (.p50 | r(2)), (.p99 | r(2)), (.rss | r(1)),
-      (.missed | r(0)), (.errors | tostring)] | @tsv),
+      (.cpu | r(1)), (.missed | r(0)), (.errors | tostring)] | @tsv),
     (if $ours == null or ($peers | length) == 0 then empty
      elif $live then
        ($peers | min_by(.p99)) as $best
@@ -327,6 +328,6 @@ jq -s -r '
           ($ours.ops / $best.ops | r(2) | . + "x \($best.server)")] | @tsv
      end)
 ' "$results" | {
-  printf 'scenario\tserver\truns\tops/s\tGB/s\tp50 ms\tp99 ms\tRSS MB\tmissed\terrors\n'
+  printf 'scenario\tserver\truns\tops/s\tGB/s\tp50 ms\tp99 ms\tRSS MB\tCPU us/op\tmissed\terrors\n'
   cat
 } | column -t -s $'\t'

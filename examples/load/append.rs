@@ -26,6 +26,10 @@ pub struct Options {
     /// The measured time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// The server's process id: its CPU time over the measured window is
+    /// reported per request.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Time before measuring starts.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
@@ -82,6 +86,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         warmup: options.warmup,
         duration: options.duration,
         max_requests: options.max_requests,
+        server_pid: options.server_pid,
     };
     let tally = drive(target, limits, op).await?;
     Ok(Report::new("append")
@@ -93,6 +98,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         .metric("mb_per_sec", tally.bytes_rate() / 1e6)
         .metric("appends", tally.ops)
         .metric("errors", tally.errors)
+        .metric_opt("server_cpu_us_per_op", tally.server_cpu_us_per_op())
         .first_error(tally.first_error)
         .latencies(tally.latencies))
 }

@@ -21,6 +21,10 @@ pub struct Options {
     /// The measured time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// The server's process id: its CPU time over the measured window is
+    /// reported per request.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Time before measuring starts.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
@@ -60,6 +64,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         warmup: options.warmup,
         duration: options.duration,
         max_requests: options.max_creates,
+        server_pid: options.server_pid,
     };
     let tally = drive(target, limits, op).await?;
     Ok(Report::new("create")
@@ -68,6 +73,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         .metric("ops_per_sec", tally.rate())
         .metric("creates", tally.ops)
         .metric("errors", tally.errors)
+        .metric_opt("server_cpu_us_per_op", tally.server_cpu_us_per_op())
         .first_error(tally.first_error)
         .latencies(tally.latencies))
 }

@@ -34,6 +34,10 @@ pub struct Options {
     /// The measured time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// The server's process id: its CPU time over the measured window is
+    /// reported per request.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Time before measuring starts.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     warmup: Duration,
@@ -127,6 +131,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         warmup: options.warmup,
         duration: options.duration,
         max_requests: options.max_reads,
+        server_pid: options.server_pid,
     };
     let tally = drive(target, limits, op).await?;
     let [requests, reads] = &*counts;
@@ -142,6 +147,7 @@ pub async fn run(target: &Target, options: Options) -> Result<Report, Error> {
         .metric("reads", tally.ops)
         .metric("requests_per_read", requests_per_read)
         .metric("errors", tally.errors)
+        .metric_opt("server_cpu_us_per_op", tally.server_cpu_us_per_op())
         .first_error(tally.first_error)
         .latencies(tally.latencies))
 }

@@ -74,6 +74,14 @@ impl Report {
         self
     }
 
+    /// Adds a measured figure if there is one.
+    pub fn metric_opt(self, name: &'static str, value: Option<f64>) -> Self {
+        match value {
+            Some(value) => self.metric(name, value),
+            None => self,
+        }
+    }
+
     /// Adds a measured figure; floats keep three decimals.
     pub fn metric(mut self, name: &'static str, value: impl Into<Value>) -> Self {
         let value = match value.into() {

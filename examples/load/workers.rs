@@ -29,6 +29,8 @@ pub struct Limits {
     pub duration: Duration,
     /// The most requests of the whole run, warm-up included.
     pub max_requests: u64,
+    /// The server's process, whose CPU time over the window is measured.
+    pub server_pid: Option<u32>,
 }
 
 /// What the workers measured.
@@ -47,12 +49,20 @@ pub struct Tally {
     /// The measured time: the window, or less if the workers ran out of
     /// requests first.
     pub elapsed: Duration,
+    /// CPU time (user and system) the server spent over the window.
+    pub server_cpu: Option<Duration>,
 }
 
 impl Tally {
     /// Counted requests per second.
     pub fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The server's CPU time per counted request, in microseconds.
+    pub fn server_cpu_us_per_op(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.ops > 0).then(|| cpu.as_secs_f64() * 1e6 / self.ops as f64)
     }
 
     /// Counted bytes per second.
@@ -88,11 +98,34 @@ pub async fn drive<O: Op>(target: &Target, limits: Limits, op: O) -> Result<Tall
         workers
             .spawn(async move { work(&target, conn, worker, &op, (start, end), per_worker).await });
     }
+    // The server's CPU time at the window's two ends.
+    let sampler = limits.server_pid.map(|pid| {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start.into()).await;
+            let before = cpu_time(pid)?;
+            tokio::time::sleep_until(end.into()).await;
+            Some(cpu_time(pid)?.saturating_sub(before))
+        })
+    });
     let mut total = Tally::default();
     while let Some(tally) = workers.join_next().await {
         total.absorb(tally?);
     }
+    if let Some(sampler) = sampler {
+        total.server_cpu = sampler.await?;
+    }
     Ok(total)
+}
+
+/// The CPU time, user and system, that process `pid` has used so far, from
+/// /proc/<pid>/stat (Linux's clock ticks are 1/100 s).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, the 12th and 13th after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 async fn work<O: Op>(
