@@ -13,17 +13,18 @@
 //! until the process restarts and recovery cuts the log back to its last
 //! whole frame.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use bytes::Bytes;
-use tokio::sync::watch;
 
 use super::frame;
 use super::SyncMode;
@@ -38,13 +39,37 @@ pub(crate) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.log"))
 }
 
-/// What the writer thread has made durable.
-#[derive(Debug, Clone, Default)]
+/// What the writer thread has made durable, and who waits for more.
+#[derive(Default)]
 struct Durable {
     /// Everything recorded before this log position is durable.
     lsn: u64,
     /// The log failed; nothing more will be durable.
     failed: Option<StreamErrorKind>,
+    /// Waiting appends by the position they wait for (and a number that
+    /// tells apart waiters on one position), so that a sync wakes only the
+    /// ones it made durable: with many connections, most of the waiters
+    /// are still one batch behind.
+    waiters: BTreeMap<(u64, u64), Waker>,
+    next_waiter: u64,
+}
+
+impl Durable {
+    /// Marks everything before `lsn` durable and takes the wakers of those
+    /// who waited for it.
+    fn advance(&mut self, lsn: u64) -> Vec<Waker> {
+        self.lsn = self.lsn.max(lsn);
+        let later = self.waiters.split_off(&(self.lsn + 1, 0));
+        std::mem::replace(&mut self.waiters, later)
+            .into_values()
+            .collect()
+    }
+
+    /// Marks the log failed and takes every waiter's waker.
+    fn fail(&mut self, kind: StreamErrorKind) -> Vec<Waker> {
+        self.failed = Some(kind);
+        std::mem::take(&mut self.waiters).into_values().collect()
+    }
 }
 
 #[derive(Debug)]
@@ -73,7 +98,7 @@ struct Shared {
     segment_size: u64,
     pending: Mutex<Pending>,
     wake_writer: Condvar,
-    durable: watch::Sender<Durable>,
+    durable: Mutex<Durable>,
     readers: RwLock<HashMap<u64, Arc<File>>>,
     /// Called by the writer thread after each durable batch.
     on_durable: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
@@ -82,6 +107,10 @@ struct Shared {
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn durable(&self) -> MutexGuard<'_, Durable> {
+        self.durable.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn reader(&self, segment: u64) -> io::Result<Arc<File>> {
@@ -160,7 +189,7 @@ impl FileLog {
                 writer_asleep: false,
             }),
             wake_writer: Condvar::new(),
-            durable: watch::Sender::new(Durable::default()),
+            durable: Mutex::new(Durable::default()),
             readers: RwLock::new(HashMap::new()),
             on_durable: OnceLock::new(),
         });
@@ -201,7 +230,7 @@ impl FileLog {
     pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         loop {
             {
-                let durable = self.shared.durable.borrow();
+                let durable = self.shared.durable();
                 if durable.lsn >= ticket {
                     return Ok(());
                 }
@@ -299,17 +328,10 @@ impl Log for FileLog {
     }
 
     fn durable(&self, ticket: u64) -> impl Future<Output = Result<(), StreamError>> + Send {
-        let mut rx = self.shared.durable.subscribe();
-        async move {
-            let state = rx
-                .wait_for(|d| d.lsn >= ticket || d.failed.is_some())
-                .await
-                .map(|d| d.clone())
-                .map_err(|_| failure(StreamErrorKind::Unavailable))?;
-            match state.failed {
-                Some(kind) if state.lsn < ticket => Err(failure(kind)),
-                _ => Ok(()),
-            }
+        DurableWait {
+            shared: self.shared.clone(),
+            ticket,
+            key: None,
         }
     }
 
@@ -340,6 +362,54 @@ impl Log for FileLog {
             .read_chunks(std::slice::from_ref(chunk))
             .ok()?
             .pop()
+    }
+}
+
+/// Resolves once the log is durable past `ticket`, or has failed.
+struct DurableWait {
+    shared: Arc<Shared>,
+    ticket: u64,
+    /// Where this wait is registered among the waiters, once it is.
+    key: Option<(u64, u64)>,
+}
+
+impl Future for DurableWait {
+    type Output = Result<(), StreamError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let mut durable = this.shared.durable();
+        if durable.lsn >= this.ticket {
+            // The writer took the waker when it got here.
+            this.key = None;
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(kind) = durable.failed.clone() {
+            this.key = None;
+            return Poll::Ready(Err(failure(kind)));
+        }
+        match this.key {
+            Some(key) => {
+                if let Some(waker) = durable.waiters.get_mut(&key) {
+                    waker.clone_from(cx.waker());
+                }
+            }
+            None => {
+                let key = (this.ticket, durable.next_waiter);
+                durable.next_waiter += 1;
+                durable.waiters.insert(key, cx.waker().clone());
+                this.key = Some(key);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for DurableWait {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.shared.durable().waiters.remove(&key);
+        }
     }
 }
 
@@ -376,7 +446,8 @@ impl Writer {
             };
             match self.write(shared, batches) {
                 Ok(()) => {
-                    shared.durable.send_modify(|d| d.lsn = d.lsn.max(lsn));
+                    let woken = shared.durable().advance(lsn);
+                    woken.into_iter().for_each(Waker::wake);
                     if let Some(hook) = shared.on_durable.get() {
                         hook(lsn);
                     }
@@ -389,7 +460,8 @@ impl Writer {
                     };
                     tracing::error!(error = %e, "writing the log failed; refusing further writes");
                     shared.pending().failed = Some(kind.clone());
-                    shared.durable.send_modify(|d| d.failed = Some(kind));
+                    let woken = shared.durable().fail(kind);
+                    woken.into_iter().for_each(Waker::wake);
                     return;
                 }
             }
