@@ -104,6 +104,23 @@ impl From<tokio_postgres::Error> for Failed {
     }
 }
 
+/// A pause before attempt `attempt + 1` after losing a race: none for the
+/// first few, then a random wait that grows, so that writers on several
+/// nodes stop colliding in step and none loses every time.
+async fn backoff(attempt: usize) {
+    const FREE: usize = 4;
+    if attempt < FREE {
+        return;
+    }
+    let ceiling_us = 100 * (attempt - FREE + 1).min(20) as u32;
+    // Nanoseconds of the clock are random enough to spread writers out.
+    let noise = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let wait = std::time::Duration::from_micros(u64::from(noise % ceiling_us.max(1)));
+    tokio::time::sleep(wait).await;
+}
+
 pub(super) fn contended() -> StreamError {
     StreamError::new(
         StreamErrorKind::Unavailable,
@@ -186,7 +203,7 @@ impl Store {
     pub(super) async fn append(&self, append: Append) -> Result<Appended, StreamError> {
         let slot = self.append_slot(&append.path);
         let mut cached = slot.lock().await;
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
             let usable = cached.take().filter(|c| c.usable(self, &append));
             match self.try_append(append.clone(), usable).await {
                 Ok((done, left)) => {
@@ -194,7 +211,7 @@ impl Store {
                     return Ok(done);
                 }
                 Err(Failed::Answer(e)) => return Err(e),
-                Err(Failed::Raced) => continue,
+                Err(Failed::Raced) => backoff(attempt).await,
             }
         }
         Err(contended())
