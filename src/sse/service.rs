@@ -137,7 +137,6 @@ where
         pending: Some(first),
         read_on: None,
         wait: None,
-        deadline,
         lifetime: Box::pin(tokio::time::sleep_until(deadline)),
         cursor: next_cursor(SystemTime::now(), echoed.as_deref()),
         json: content_type.is_json(),
@@ -157,9 +156,9 @@ struct Events<S, ReqBody, ResBody> {
     /// The inner service's shortcut for reading on, when it offers one.
     read_on: Option<ReadOn>,
     wait: Option<TailWait>,
-    deadline: Instant,
-    /// Fires at `deadline`. One timer for the connection's life, rather
-    /// than a new one each time it waits at the tail.
+    /// Fires when the connection's lifetime is over. One timer for the
+    /// connection's life, rather than a new one each time it waits at the
+    /// tail.
     lifetime: std::pin::Pin<Box<tokio::time::Sleep>>,
     cursor: u64,
     json: bool,
@@ -190,7 +189,7 @@ where
                     () = &mut self.lifetime => return None,
                 }
             }
-            if self.sent_control && Instant::now() >= self.deadline {
+            if self.sent_control && Instant::now() >= self.lifetime.deadline() {
                 return None;
             }
             // Following the stream through the inner service's shortcut is
