@@ -66,11 +66,20 @@ fi
 step "build the server binary"
 cargo build --features server --bin durable-streams --quiet
 
-# A free port on loopback for the server under test.
+# A free port on loopback for the server under test, outside the kernel's
+# ephemeral range: a port there may be held by an outgoing connection,
+# which a connect test cannot see but which makes bind fail.
 pick_port() {
-  local port
+  local port low=32768 high=60999
+  if [ -r /proc/sys/net/ipv4/ip_local_port_range ]; then
+    read -r low high </proc/sys/net/ipv4/ip_local_port_range
+  fi
   for _ in $(seq 1 50); do
-    port=$((20000 + RANDOM % 40000))
+    if [ "$low" -gt 11024 ]; then
+      port=$((10000 + RANDOM % (low - 10000)))
+    else
+      port=$((high + 1 + RANDOM % (65535 - high)))
+    fi
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return 0
@@ -86,23 +95,37 @@ run_conformance() {
     schema="conformance_$$_$RANDOM"
     extra=(--database-url "$database_url" --database-schema "$schema")
   fi
-  port=$(pick_port)
   log=$(mktemp "${TMPDIR:-/tmp}/durable-streams-$storage-XXXXXX.log")
   data=$(mktemp -d "${TMPDIR:-/tmp}/durable-streams-data-XXXXXX")
-  step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
-  "${CARGO_TARGET_DIR:-target}/debug/durable-streams" serve --addr "127.0.0.1:$port" --storage "$storage" \
-    --data-dir "$data" "${extra[@]}" --long-poll-timeout 500ms --allow-localhost-webhooks \
-    >"$log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "test.sh: the server exited early; its log:" >&2
-      cat "$log" >&2
-      return 1
-    fi
-    sleep 0.1
+  # Another process may take the port between the check and the bind:
+  # then the server exits at once, and another port is tried.
+  local attempt up=0
+  for attempt in 1 2 3 4 5; do
+    port=$(pick_port)
+    step "conformance suite against 'durable-streams serve --storage $storage' on port $port"
+    "${CARGO_TARGET_DIR:-target}/debug/durable-streams" serve --addr "127.0.0.1:$port" --storage "$storage" \
+      --data-dir "$data" "${extra[@]}" --long-poll-timeout 500ms --allow-localhost-webhooks \
+      >"$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 100); do
+      if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+        up=1
+        break
+      fi
+      if ! kill -0 "$pid" 2>/dev/null; then break; fi
+      sleep 0.1
+    done
+    [ "$up" -eq 1 ] && break
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    echo "test.sh: the server did not come up (attempt $attempt); its log:" >&2
+    cat "$log" >&2
+    grep -q "Address already in use" "$log" || break
   done
+  if [ "$up" -ne 1 ]; then
+    rm -rf "$data"
+    return 1
+  fi
   # --subscriptions adds the reserved __ds group; its webhook receivers
   # listen on localhost, hence --allow-localhost-webhooks above.
   bash "$shared/conformance/run.sh" --subscriptions "http://127.0.0.1:$port" || status=$?
