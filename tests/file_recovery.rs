@@ -290,8 +290,15 @@ fn last_segment(dir: &Path) -> PathBuf {
         .expect("the store has written a segment")
 }
 
-fn len(path: &Path) -> u64 {
-    fs::metadata(path).expect("a segment file").len()
+/// Where a segment's frames end: its length less its tail of zeros, which
+/// the writer keeps ahead of itself when it syncs. (The records in these
+/// tests are text, so no frame ends in a zero byte.)
+fn frames_end(path: &Path) -> u64 {
+    let bytes = fs::read(path).expect("read a segment file");
+    bytes
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |i| i as u64 + 1)
 }
 
 /// Every segment's bytes, by name: what a reopen with no writes must leave
@@ -820,7 +827,7 @@ async fn store_with_a_last_frame() -> (tempfile::TempDir, Vec<String>, u64, u64)
         s.create_new(put_with("other", "o")).await;
         s.observe(&["s", "other"]).await
     };
-    let start = len(&last_segment(dir.path()));
+    let start = frames_end(&last_segment(dir.path()));
     {
         let s = open(dir.path());
         let last = with_seq(
@@ -829,7 +836,7 @@ async fn store_with_a_last_frame() -> (tempfile::TempDir, Vec<String>, u64, u64)
         );
         assert_eq!(s.append(last).await.unwrap().outcome, written(0, 1));
     }
-    let end = len(&last_segment(dir.path()));
+    let end = frames_end(&last_segment(dir.path()));
     assert!(end > start + 8, "the last frame has a body");
     (dir, before, start, end)
 }
@@ -841,7 +848,7 @@ async fn recovers_to(dir: &Path, before: &[String], good: u64, case: &str) {
     let s = open(dir);
     assert_eq!(s.observe(&["s", "other"]).await, before, "{case}");
     assert_eq!(
-        len(&last_segment(dir)),
+        frames_end(&last_segment(dir)),
         good,
         "{case}: cut at the last good frame"
     );
@@ -928,7 +935,11 @@ async fn garbage_after_the_last_frame_is_cut() {
         append_bytes(&last_segment(copy.path()), &bytes);
         let s = open(copy.path());
         assert_eq!(s.observe(&["s", "other"]).await, full, "{what}");
-        assert_eq!(len(&last_segment(copy.path())), end, "{what}: cut back");
+        assert_eq!(
+            frames_end(&last_segment(copy.path())),
+            end,
+            "{what}: cut back"
+        );
         s.push("other", "o2").await;
         drop(s);
         let s = open(copy.path());
@@ -965,7 +976,7 @@ async fn numbered_appends(
         s.push("s", &record).await;
         // An acknowledged append has been written: the file ends with it.
         let segment = last_segment(dir);
-        let end = len(&segment);
+        let end = frames_end(&segment);
         ends.push((record, segment, end));
     }
     ends
@@ -980,7 +991,7 @@ async fn a_zeroed_page_ends_the_log_at_the_frame_it_hits() {
     };
     let segment = last_segment(dir.path());
     assert_eq!(segments(dir.path()).len(), 1);
-    let size = len(&segment);
+    let size = frames_end(&segment);
     assert!(size > 8 * 4096, "the segment spans pages: {size}");
     let page = (size / 4096 / 2) * 4096;
     zero(&segment, page, 4096);
@@ -1002,7 +1013,7 @@ async fn a_zeroed_page_ends_the_log_at_the_frame_it_hits() {
     for reopen in 0..2 {
         let s = open(dir.path());
         assert_eq!(s.all("s").await.unwrap(), kept, "reopen {reopen}");
-        assert_eq!(len(&segment), good, "cut at the damaged frame");
+        assert_eq!(frames_end(&segment), good, "cut at the damaged frame");
         let head = s.head("s").await.unwrap();
         assert_eq!(head.tail.index(), kept.len() as u64);
     }
@@ -1027,7 +1038,7 @@ async fn segments_after_a_damaged_frame_are_set_aside() {
     assert!(files.len() >= 4, "several segments: {files:?}");
     let damaged = files[1].clone();
     let page = 4096;
-    assert!(len(&damaged) > page + 4096);
+    assert!(frames_end(&damaged) > page + 4096);
     zero(&damaged, page, 4096);
 
     let kept: Vec<String> = written
@@ -1058,6 +1069,65 @@ async fn segments_after_a_damaged_frame_are_set_aside() {
     assert!(records[kept.len()].starts_with("after 000"));
     assert!(records[kept.len() + 29].starts_with("after 029"));
     assert!(segments(dir.path()).len() > 2);
+}
+
+/// A durable store zeroes each segment ahead of its frames, so that a sync
+/// overwrites bytes the file has instead of growing it. Those zeros, at the
+/// end of the last segment or of any earlier one, are where the frames end:
+/// nothing is cut, set aside or lost, and writing goes on over them.
+#[tokio::test]
+async fn zeros_ahead_of_the_frames_are_the_end_of_the_log_not_damage() {
+    const SEGMENT: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let open_durable = || {
+        Store(
+            FileStorage::builder()
+                .sync(SyncMode::Fsync)
+                .segment_size(SEGMENT)
+                .open(dir.path())
+                .expect("the store opens"),
+        )
+    };
+    let record = |i: usize| format!("record {i:04} {}", "z".repeat(900));
+    {
+        let s = open_durable();
+        s.create_new(put("s")).await;
+        for i in 0..200 {
+            s.push("s", &record(i)).await;
+        }
+    }
+    let files = segments(dir.path());
+    assert!(files.len() >= 3, "{} segments", files.len());
+    let zeroed = files
+        .iter()
+        .filter(|f| fs::metadata(f).unwrap().len() > frames_end(f))
+        .count();
+    assert!(
+        zeroed >= files.len() - 1,
+        "{zeroed} of {} zeroed ahead",
+        files.len()
+    );
+    let before = log_bytes(dir.path());
+
+    let mut expected: Vec<String> = (0..200).map(record).collect();
+    {
+        let s = open_durable();
+        assert_eq!(s.all("s").await.unwrap(), expected);
+        assert_eq!(log_bytes(dir.path()), before, "recovery changed the log");
+        for i in 200..260 {
+            s.push("s", &record(i)).await;
+        }
+    }
+    expected.extend((200..260).map(record));
+    for _ in 0..2 {
+        let s = open_durable();
+        assert_eq!(s.all("s").await.unwrap(), expected);
+    }
+    assert!(!fs::read_dir(dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .path()
+        .extension()
+        .is_some_and(|x| x == "corrupt")));
 }
 
 // ---------------------------------------------------------------------------

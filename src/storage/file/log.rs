@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -193,7 +193,7 @@ impl FileLog {
             readers: RwLock::new(HashMap::new()),
             on_durable: OnceLock::new(),
         });
-        let writer = Writer::open(&shared, segment)?;
+        let writer = Writer::open(&shared, segment, pos)?;
         let thread_shared = shared.clone();
         let handle = thread::Builder::new()
             .name("durable-streams-log".into())
@@ -413,18 +413,44 @@ impl Drop for DurableWait {
     }
 }
 
-/// The writer thread's state: the segment file it appends to.
+/// How far past the last frame the writer fills a segment with zeros, when
+/// it syncs with `fdatasync`. A write over bytes the file already has
+/// changes none of its metadata, so the sync after it flushes the data
+/// alone; a write that grows the file must also commit the file system's
+/// journal, which costs about a third more time and CPU on ext4. Recovery
+/// takes a tail of zeros for the end of the log.
+const ZERO_AHEAD: u64 = 2 * 1024 * 1024;
+
+/// The writer thread's state: the segment file it writes to.
 struct Writer {
     segment: u64,
     file: File,
+    /// Where the next frame goes.
+    pos: u64,
+    /// The file's length; what lies past `pos` is zeros.
+    len: u64,
+    /// Zeroing ahead failed in this segment (the disk is full, say): the
+    /// frames alone grow the file from here on.
+    no_zeroing: bool,
 }
 
 impl Writer {
-    fn open(shared: &Shared, segment: u64) -> io::Result<Self> {
+    fn open(shared: &Shared, segment: u64, pos: u64) -> io::Result<Self> {
         let path = segment_path(&shared.dir, segment);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        let len = file.metadata()?.len();
         sync_dir(&shared.dir)?;
-        Ok(Self { segment, file })
+        Ok(Self {
+            segment,
+            file,
+            pos,
+            len: len.max(pos),
+            no_zeroing: shared.sync != SyncMode::Fsync,
+        })
     }
 
     fn run(mut self, shared: &Shared) {
@@ -472,11 +498,37 @@ impl Writer {
         for (segment, bytes) in batches {
             if segment != self.segment {
                 self.finish(shared)?;
-                *self = Writer::open(shared, segment)?;
+                *self = Writer::open(shared, segment, 0)?;
             }
-            self.file.write_all(&bytes)?;
+            self.file.write_all_at(&bytes, self.pos)?;
+            self.pos += bytes.len() as u64;
+            self.len = self.len.max(self.pos);
+            self.zero_ahead(shared);
         }
         self.finish(shared)
+    }
+
+    /// Keeps zeros ahead of `pos`, up to the segment's size. Best effort: a
+    /// failure here costs speed, not data.
+    fn zero_ahead(&mut self, shared: &Shared) {
+        if self.no_zeroing
+            || self.len >= shared.segment_size
+            || self.len - self.pos > ZERO_AHEAD / 2
+        {
+            return;
+        }
+        let end = (self.pos + ZERO_AHEAD).min(shared.segment_size);
+        let zeros = vec![0; (end - self.len) as usize];
+        match self.file.write_all_at(&zeros, self.len) {
+            Ok(()) => self.len = end,
+            Err(e) => {
+                tracing::debug!(error = %e, segment = self.segment, "cannot zero the log ahead");
+                self.no_zeroing = true;
+                if let Ok(meta) = self.file.metadata() {
+                    self.len = meta.len().max(self.pos);
+                }
+            }
+        }
     }
 
     fn finish(&mut self, shared: &Shared) -> io::Result<()> {

@@ -11,8 +11,10 @@
 //! On open, the log is replayed: every stream comes back with its content
 //! type, expiry, closure, forks, soft deletes and producer state. A frame
 //! that is cut short or fails its checksum ends the log, and the segment is
-//! truncated there. Sliding TTLs restart from the time of recovery, since
-//! reads that renewed them are not logged.
+//! truncated there. A tail of zeros is no damage: the writer fills the space
+//! ahead of it with zeros, so that a sync need not grow the file. Sliding
+//! TTLs restart from the time of recovery, since reads that renewed them are
+//! not logged.
 //!
 //! The directory is locked while open: a second server on the same data
 //! fails to start.
@@ -274,6 +276,11 @@ fn recover(dir: &Path) -> io::Result<(Index, u64, u64)> {
         }
         let (pos, torn) = replay(&data, from, segment, &mut index, now);
         end = (segment, pos as u64);
+        if torn.is_some() && data[pos..].iter().all(|&b| b == 0) {
+            // No frame begins with a zero length, so a tail of zeros holds
+            // none: it is space the writer zeroed ahead of itself.
+            continue;
+        }
         if let Some(why) = torn {
             tracing::warn!(segment = %path.display(), pos, why, "cutting the log at a torn frame");
             let file = OpenOptions::new().write(true).open(&path)?;
