@@ -13,7 +13,7 @@
 #![cfg_attr(not(feature = "file"), allow(dead_code))]
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -40,8 +40,14 @@ pub(crate) trait Log: Send + Sync + 'static {
     /// A ticket for everything recorded so far.
     fn ticket(&self) -> u64;
 
-    /// Resolves once everything up to `ticket` is durable.
+    /// Resolves once everything up to `ticket` is durable, and the hook
+    /// given to [`Log::on_durable`] has run for it.
     fn durable(&self, ticket: u64) -> impl Future<Output = Result<(), StreamError>> + Send;
+
+    /// Sets what the log calls, with its durable position, after each batch
+    /// it makes durable and before it resolves the waits for that batch. A
+    /// log that is immediate never calls it.
+    fn on_durable(&self, hook: Box<dyn Fn(u64) + Send + Sync>);
 
     /// Fetches the bytes of `chunks`, in order.
     fn read(
@@ -63,10 +69,24 @@ pub(crate) struct Engine<L> {
 
 impl<L: Log> Engine<L> {
     pub(crate) fn new(index: Index, log: L) -> Self {
-        Self {
-            index: Arc::new(Mutex::new(index)),
-            log,
+        let index = Arc::new(Mutex::new(index));
+        if !L::IMMEDIATE {
+            // Each batch is published as soon as it is durable: before the
+            // requests that wait for it go on, and even when one of them was
+            // abandoned on the way. The hook holds the index alone: were it
+            // to hold the last reference to the log, a writer thread that
+            // calls it would end up joining itself.
+            let weak = Arc::downgrade(&index);
+            log.on_durable(Box::new(move |lsn| {
+                if let Some(index) = weak.upgrade() {
+                    index
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .publish_durable(lsn);
+                }
+            }));
         }
+        Self { index, log }
     }
 
     pub(crate) fn log(&self) -> &L {
@@ -83,12 +103,6 @@ impl<L: Log> Engine<L> {
                 return;
             }
         }
-    }
-
-    /// A handle on the index alone, for callbacks that must not keep the
-    /// log (and its writer thread) alive.
-    pub(crate) fn index(&self) -> Weak<Mutex<Index>> {
-        Arc::downgrade(&self.index)
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Index> {
@@ -153,12 +167,11 @@ impl<L: Log> Engine<L> {
         Ok(id)
     }
 
-    /// Waits until the state behind an answer is durable, then shows every
-    /// change up to it to readers.
+    /// Waits until the state behind an answer is durable, and so shown to
+    /// readers.
     async fn settle(&self, ticket: u64) -> Result<(), StreamError> {
         if !L::IMMEDIATE {
             self.log.durable(ticket).await?;
-            self.lock().publish_durable(ticket);
         }
         Ok(())
     }

@@ -86,6 +86,8 @@ impl Log for MemoryLog {
         ready(Ok(()))
     }
 
+    fn on_durable(&self, _hook: Box<dyn Fn(u64) + Send + Sync>) {}
+
     fn read(
         &self,
         chunks: Vec<Chunk>,

@@ -220,12 +220,6 @@ impl FileLog {
         (pending.lsn, pending.deletes)
     }
 
-    /// Sets what the writer thread calls, with the durable log position,
-    /// after each batch it makes durable.
-    pub(crate) fn on_durable(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
-        let _ = self.shared.on_durable.set(Box::new(hook));
-    }
-
     /// Blocks the calling (non-async) thread until `ticket` is durable.
     pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         loop {
@@ -333,6 +327,10 @@ impl Log for FileLog {
             ticket,
             key: None,
         }
+    }
+
+    fn on_durable(&self, hook: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.shared.on_durable.set(hook);
     }
 
     fn read(
@@ -472,11 +470,11 @@ impl Writer {
             };
             match self.write(shared, batches) {
                 Ok(()) => {
-                    let woken = shared.durable().advance(lsn);
-                    woken.into_iter().for_each(Waker::wake);
                     if let Some(hook) = shared.on_durable.get() {
                         hook(lsn);
                     }
+                    let woken = shared.durable().advance(lsn);
+                    woken.into_iter().for_each(Waker::wake);
                 }
                 Err(e) => {
                     let kind = if e.kind() == io::ErrorKind::StorageFull {

@@ -172,20 +172,6 @@ impl FileStorageBuilder {
             "file storage recovered"
         );
         let engine = Arc::new(Engine::new(index, log));
-        // Publish each batch as soon as it is durable, so that a change whose
-        // request was abandoned before it could publish is not hidden.
-        // The callback holds only the index: were it to hold the last
-        // reference to the engine, the writer thread would end up joining
-        // itself.
-        let index = engine.index();
-        engine.log().on_durable(move |lsn| {
-            if let Some(index) = index.upgrade() {
-                index
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .publish_durable(lsn);
-            }
-        });
         let maintenance = Maintenance::start(&engine, dir, self.segment_size)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start maintenance: {e}")))?;
         Ok(FileStorage {
