@@ -190,6 +190,69 @@ async fn long_poll_waiter_gets_the_final_chunk_of_append_and_close() {
     }
 }
 
+/// A long-poll woken by an append answers exactly as one that found the
+/// data already there: same status, body and headers (but the date, the
+/// time-based cursor, and caching for `offset=now`), for text and JSON, with
+/// and without closure, from an offset and from `now`.
+#[tokio::test]
+async fn a_woken_long_poll_answers_like_one_that_found_the_data() {
+    let s = Server::start().await;
+    let cases: [(&str, (&str, &str), &str, bool); 4] = [
+        ("text", TEXT, "more text", false),
+        ("json", JSON, r#"[{"n":1},{"n":2}]"#, false),
+        ("text-closed", TEXT, "last words", true),
+        ("json-closed", JSON, r#"{"n":3}"#, true),
+    ];
+    for (name, content_type, body, close) in cases {
+        for from_now in [false, true] {
+            let name = format!("{name}-{from_now}");
+            let initial = if content_type == JSON { r#"{"n":0}"# } else { "first" };
+            let tail = s.put(&name, &[content_type], initial).await.next_offset();
+            let at = if from_now { "now" } else { tail.as_str() };
+            let poll = s.spawn_get(format!("{name}?offset={at}&live=long-poll"));
+            tokio::time::sleep(ms(100)).await;
+            assert!(!poll.is_finished(), "{name}: long-poll did not wait");
+            let headers: &[(&str, &str)] = if close {
+                &[content_type, CLOSE]
+            } else {
+                &[content_type]
+            };
+            let appended = s.post(&name, headers, body).await;
+            assert!(appended.status.is_success(), "{name}: {appended:?}");
+            let (woken, _) = poll.await.unwrap();
+            let found = s.get(&format!("{name}?offset={tail}&live=long-poll")).await;
+
+            assert_eq!(woken.status, 200, "{name}: {woken:?}");
+            assert_eq!(woken.status, found.status, "{name}");
+            assert_eq!(woken.body, found.body, "{name}");
+            // `offset=now` is never cacheable; the read it compares with is.
+            let skipped: &[&str] = if from_now {
+                &["date", "stream-cursor", "cache-control"]
+            } else {
+                &["date", "stream-cursor"]
+            };
+            let comparable = |reply: &support::Reply| {
+                let mut headers: Vec<(String, String)> = reply
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !skipped.contains(&n.as_str()))
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+                    .collect();
+                headers.sort();
+                headers
+            };
+            assert_eq!(comparable(&woken), comparable(&found), "{name}");
+            assert!(woken.header("etag").is_some(), "{name}: {woken:?}");
+            assert_eq!(woken.is_true("stream-closed"), close, "{name}");
+            assert_eq!(
+                woken.header("stream-cursor").is_some(),
+                !close,
+                "{name}: a cursor only while the stream is open"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn close_only_wakes_long_poll_waiters_at_once() {
     // C05
