@@ -206,7 +206,11 @@ async fn a_woken_long_poll_answers_like_one_that_found_the_data() {
     for (name, content_type, body, close) in cases {
         for from_now in [false, true] {
             let name = format!("{name}-{from_now}");
-            let initial = if content_type == JSON { r#"{"n":0}"# } else { "first" };
+            let initial = if content_type == JSON {
+                r#"{"n":0}"#
+            } else {
+                "first"
+            };
             let tail = s.put(&name, &[content_type], initial).await.next_offset();
             let at = if from_now { "now" } else { tail.as_str() };
             let poll = s.spawn_get(format!("{name}?offset={at}&live=long-poll"));

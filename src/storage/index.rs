@@ -12,8 +12,9 @@
 // Snapshots, replay and records on disk serve only the file store.
 #![cfg_attr(not(feature = "file"), allow(dead_code))]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::SystemTime;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -167,6 +168,16 @@ impl Entry {
             && self.expiry.is_expired(self.touched, now)
     }
 
+    /// When the stream may next have expired, as of its last read or
+    /// write: never earlier, since renewals only move it later.
+    fn deadline(&self) -> Option<SystemTime> {
+        match self.expiry {
+            Expiry::Never => None,
+            Expiry::Ttl(secs) => self.touched.checked_add(Duration::from_secs(secs)),
+            Expiry::At(at) => Some(at),
+        }
+    }
+
     fn durable_info(&self, id: u64) -> StreamInfo {
         StreamInfo {
             tail: self.durable_tail,
@@ -277,6 +288,10 @@ pub(crate) struct Index {
     publications: VecDeque<(u64, u64, Offset, bool)>,
     /// Metadata entries, by key.
     meta: BTreeMap<String, Bytes>,
+    /// Streams that can expire, by when each is next worth a look: an
+    /// entry may be early (a read or write renewed the TTL since), never
+    /// late. The expiry sweep looks only at those due, not at every stream.
+    expiries: BinaryHeap<Reverse<(SystemTime, u64)>>,
 }
 
 impl Index {
@@ -507,6 +522,9 @@ impl Index {
                     wake: watch::Sender::new(()),
                 };
                 push(&mut entry, chunks);
+                if let Some(due) = entry.deadline() {
+                    self.expiries.push(Reverse((due, new.id)));
+                }
                 self.next_id = self.next_id.max(new.id);
                 if let Some(old) = self.paths.insert(new.path, new.id) {
                     // The path was freed by a delete that is not yet published.
@@ -781,6 +799,9 @@ impl Index {
                 &mut entry,
                 stream.chunks.into_iter().map(Chunk::Disk).collect(),
             );
+            if let Some(due) = entry.deadline() {
+                index.expiries.push(Reverse((due, stream.id)));
+            }
             index.paths.insert(stream.path, stream.id);
             index.streams.insert(stream.id, entry);
             index.next_id = index.next_id.max(stream.id);
@@ -843,12 +864,31 @@ impl Index {
 
     /// The paths of streams that have expired by `now` and are not yet
     /// deleted.
-    pub(crate) fn expired_paths(&self, now: SystemTime) -> Vec<String> {
-        self.streams
-            .values()
-            .filter(|e| !e.deleted && e.has_expired(now))
-            .map(|e| e.path.clone())
-            .collect()
+    pub(crate) fn expired_paths(&mut self, now: SystemTime) -> Vec<String> {
+        // A stream past its deadline that live readers keep alive, or whose
+        // delete fails, is looked at again this much later.
+        const RECHECK: Duration = Duration::from_secs(1);
+        let mut expired = Vec::new();
+        let mut again = Vec::new();
+        while let Some(&Reverse((due, id))) = self.expiries.peek() {
+            if due > now {
+                break;
+            }
+            self.expiries.pop();
+            // Ids are never reused: a stream that is gone stays gone.
+            let Some(entry) = self.streams.get(&id).filter(|e| !e.deleted) else {
+                continue;
+            };
+            if entry.has_expired(now) {
+                expired.push(entry.path.clone());
+                again.push(Reverse((now + RECHECK, id)));
+            } else if let Some(next) = entry.deadline() {
+                let next = if next > now { next } else { now + RECHECK };
+                again.push(Reverse((next, id)));
+            }
+        }
+        self.expiries.extend(again);
+        expired
     }
 }
 
@@ -860,5 +900,68 @@ fn push(entry: &mut Entry, chunks: Vec<Chunk>) {
             .after_record(chunk.len())
             .expect("decisions check that offsets do not overflow");
         entry.chunks.push(chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(index: &mut Index, id: u64, expiry: Expiry, now: SystemTime) {
+        let new = NewStream {
+            id,
+            path: format!("s{id}"),
+            content_type: ContentType::default(),
+            expiry,
+            closed: false,
+            fork: None,
+            base: Offset::default(),
+            records: Vec::new(),
+        };
+        index.apply(Op::Create(new), Vec::new(), now);
+    }
+
+    fn write(index: &mut Index, id: u64, now: SystemTime) {
+        let op = Op::Append {
+            id,
+            records: Vec::new(),
+            producer: None,
+            stream_seq: None,
+            close: false,
+        };
+        index.apply(op, Vec::new(), now);
+    }
+
+    #[test]
+    fn the_sweep_finds_expired_streams_without_looking_at_the_others() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let secs = |s: f64| t + Duration::from_secs_f64(s);
+        let mut index = Index::default();
+        create(&mut index, 1, Expiry::Ttl(1), t);
+        create(&mut index, 2, Expiry::Ttl(100), t);
+        create(&mut index, 3, Expiry::Never, t);
+        create(&mut index, 4, Expiry::At(secs(2.0)), t);
+        for id in 5..1_000 {
+            create(&mut index, id, Expiry::Never, t);
+        }
+        // Only the streams that can expire are queued.
+        assert_eq!(index.expiries.len(), 3);
+
+        assert!(index.expired_paths(secs(0.5)).is_empty());
+        // A write renews the TTL: not expired at its first deadline.
+        write(&mut index, 1, secs(0.8));
+        assert!(index.expired_paths(secs(1.5)).is_empty());
+        assert_eq!(index.expired_paths(secs(1.9)), ["s1"]);
+        // Until it is deleted, an expired stream is looked at again.
+        let mut due = index.expired_paths(secs(2.95));
+        due.sort();
+        assert_eq!(due, ["s1", "s4"]);
+        index.apply(Op::Delete { id: 1 }, Vec::new(), secs(3.0));
+        index.apply(Op::Delete { id: 4 }, Vec::new(), secs(3.0));
+        assert!(index.expired_paths(secs(50.0)).is_empty());
+        assert_eq!(index.expired_paths(secs(100.0)), ["s2"]);
+        // What the queue still holds is bounded by the streams that can
+        // expire, however often it is swept.
+        assert!(index.expiries.len() <= 3, "{}", index.expiries.len());
     }
 }
