@@ -257,13 +257,22 @@ impl PostgresStorageBuilder {
 
         let waiters = Arc::new(Waiters::default());
         let node = node_id();
-        let (channel, [sender, listener]) = PgWake::start(
+        let (channel, [sender, listener], mut listening) = PgWake::start(
             pool.clone(),
             config,
             format!("ds_wake_{}", self.schema),
             node,
             waiters.clone(),
         );
+        // Ready once hints from other nodes arrive: a reader that waited
+        // before would be woken for nothing when the listener starts.
+        let listened = tokio::time::timeout(self.connect_timeout, listening.wait_for(|on| *on));
+        if !matches!(listened.await, Ok(Ok(_))) {
+            tracing::warn!(
+                "not yet listening for wake hints; live readers recheck every {:?} until then",
+                self.recheck
+            );
+        }
         let store = Arc::new(Store {
             pool,
             waiters,

@@ -101,18 +101,20 @@ const PAYLOAD_LIMIT: usize = 7_000;
 
 impl PgWake {
     /// Starts the sender and listener tasks for `channel`. `node` names this
-    /// node in payloads, so it skips its own hints.
+    /// node in payloads, so it skips its own hints. The receiver turns
+    /// `true` once the listener listens.
     pub(crate) fn start(
         pool: deadpool_postgres::Pool,
         config: tokio_postgres::Config,
         channel: String,
         node: u64,
         waiters: Arc<Waiters>,
-    ) -> (Self, [JoinHandle<()>; 2]) {
+    ) -> (Self, [JoinHandle<()>; 2], watch::Receiver<bool>) {
         let (queue, rx) = mpsc::unbounded_channel();
+        let (ready, listening) = watch::channel(false);
         let sender = tokio::spawn(send(pool, channel.clone(), node, rx));
-        let listener = tokio::spawn(listen(config, channel, node, waiters));
-        (Self { queue }, [sender, listener])
+        let listener = tokio::spawn(listen(config, channel, node, waiters, ready));
+        (Self { queue }, [sender, listener], listening)
     }
 }
 
@@ -158,10 +160,16 @@ async fn send(
 }
 
 /// Listens on a dedicated connection, forever, reconnecting with backoff.
-async fn listen(config: tokio_postgres::Config, channel: String, node: u64, waiters: Arc<Waiters>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    channel: String,
+    node: u64,
+    waiters: Arc<Waiters>,
+    ready: watch::Sender<bool>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_once(&config, &channel, node, &waiters).await {
+        match listen_once(&config, &channel, node, &waiters, &ready).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => tracing::warn!(error = %e, "wake listener disconnected"),
         }
@@ -178,6 +186,7 @@ async fn listen_once(
     channel: &str,
     node: u64,
     waiters: &Waiters,
+    ready: &watch::Sender<bool>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (tx, mut notifications) = mpsc::unbounded_channel();
@@ -197,6 +206,7 @@ async fn listen_once(
         tracing::debug!(channel, "listening for wake hints");
         // Hints sent before LISTEN took effect are lost.
         waiters.wake_all();
+        ready.send_replace(true);
         while let Some(n) = notifications.recv().await {
             dispatch(n.payload(), node, waiters);
         }
