@@ -888,6 +888,16 @@ impl Index {
             }
         }
         self.expiries.extend(again);
+        // Deleted streams leave their entries behind until they come due;
+        // once those outnumber the streams, start again from the streams.
+        if self.expiries.len() > 2 * self.streams.len() + 1024 {
+            self.expiries = self
+                .streams
+                .iter()
+                .filter(|(_, e)| !e.deleted)
+                .filter_map(|(id, e)| Some(Reverse((e.deadline()?, *id))))
+                .collect();
+        }
         expired
     }
 }
@@ -963,5 +973,22 @@ mod tests {
         // What the queue still holds is bounded by the streams that can
         // expire, however often it is swept.
         assert!(index.expiries.len() <= 3, "{}", index.expiries.len());
+    }
+
+    #[test]
+    fn deleted_streams_do_not_pile_up_in_the_expiry_queue() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let far = Expiry::At(t + Duration::from_secs(1_000_000));
+        let mut index = Index::default();
+        create(&mut index, 1, far, t);
+        for id in 2..20_000 {
+            create(&mut index, id, far, t);
+            index.apply(Op::Delete { id }, Vec::new(), t);
+            index.expired_paths(t);
+        }
+        assert!(index.expiries.len() <= 3 * 1024, "{}", index.expiries.len());
+        // The stream that stays is still looked after.
+        let due = index.expired_paths(t + Duration::from_secs(1_000_000));
+        assert_eq!(due, ["s1"]);
     }
 }
