@@ -114,13 +114,17 @@ pub enum Expiry {
 impl Expiry {
     /// Whether a stream last read or written at `touched` has expired at `now`.
     pub fn is_expired(&self, touched: SystemTime, now: SystemTime) -> bool {
+        self.deadline(touched)
+            .is_some_and(|deadline| now >= deadline)
+    }
+
+    /// When a stream last read or written at `touched` expires; `None` for
+    /// never, or a TTL too large for the clock.
+    pub(crate) fn deadline(&self, touched: SystemTime) -> Option<SystemTime> {
         match *self {
-            Expiry::Never => false,
-            Expiry::Ttl(secs) => match touched.checked_add(Duration::from_secs(secs)) {
-                Some(deadline) => now >= deadline,
-                None => false,
-            },
-            Expiry::At(at) => now >= at,
+            Expiry::Never => None,
+            Expiry::Ttl(secs) => touched.checked_add(Duration::from_secs(secs)),
+            Expiry::At(at) => Some(at),
         }
     }
 }

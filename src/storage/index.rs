@@ -171,11 +171,7 @@ impl Entry {
     /// When the stream may next have expired, as of its last read or
     /// write: never earlier, since renewals only move it later.
     fn deadline(&self) -> Option<SystemTime> {
-        match self.expiry {
-            Expiry::Never => None,
-            Expiry::Ttl(secs) => self.touched.checked_add(Duration::from_secs(secs)),
-            Expiry::At(at) => Some(at),
-        }
+        self.expiry.deadline(self.touched)
     }
 
     fn durable_info(&self, id: u64) -> StreamInfo {
