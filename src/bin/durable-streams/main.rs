@@ -2,6 +2,7 @@
 //! for one from the command line.
 
 mod cli;
+mod hangup;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tower::{ServiceBuilder, ServiceExt};
+
+use crate::hangup::{Hangup, Live, Socket};
 use tower_durable_streams::storage::{
     FileStorage, PostgresStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
@@ -29,6 +32,8 @@ use tower_durable_streams::{
     subscription::Subscriptions, CacheControlLayer, DurableStreamsService, LongPollLayer,
     MemoryStorage, SseLayer,
 };
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a client has to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -216,13 +221,17 @@ where
                 .max_body_size(args.max_body_size)
                 .subscriptions(subscriptions),
         );
-    let app = App { streams };
+    let app = App {
+        streams,
+        socket: None,
+    };
 
     let listener = TcpListener::bind(args.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, storage = ?args.storage, prefix = %args.prefix, "listening");
     let mut http1 = http1::Builder::new();
     // A client gets 30 seconds to send its request head. Clients that
-    // half-close after sending (`printf ... | nc`) still get their response.
+    // half-close after sending (`printf ... | nc -N`) still get their
+    // response; those of live reads are watched for (see `hangup`).
     http1
         .half_close(true)
         .timer(TokioTimer::new())
@@ -246,7 +255,7 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = app.clone();
+                let mut service = app.clone();
                 let (http1, http2) = (http1.clone(), http2.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
@@ -257,7 +266,9 @@ where
                                 watcher.watch(conn).await.map_err(Into::into)
                             }
                             Ok(false) => {
-                                let conn = http1.serve_connection(TokioIo::new(stream), service);
+                                let socket = Socket::new(stream);
+                                service.socket = Some(socket.clone());
+                                let conn = http1.serve_connection(TokioIo::new(socket), service);
                                 watcher.watch(conn).await.map_err(Into::into)
                             }
                             Err(e) => Err(e.into()),
@@ -317,6 +328,9 @@ async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
 #[derive(Clone)]
 struct App<S> {
     streams: S,
+    /// The socket of the HTTP/1 connection this copy serves, watched while
+    /// a live read is under way.
+    socket: Option<Socket>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for App<S>
@@ -327,8 +341,8 @@ where
         + 'static,
     S::Future: Send,
 {
-    type Response = Response<Either<Full<Bytes>, B>>;
-    type Error = Infallible;
+    type Response = Response<Live<Either<Full<Bytes>, B>>>;
+    type Error = BoxError;
     type Future = AppFuture<S>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
@@ -336,28 +350,58 @@ where
             && matches!(*request.method(), Method::GET | Method::HEAD)
         {
             let ok = Response::new(Full::new(Bytes::from_static(b"ok\n")));
-            return AppFuture::Health { response: Some(ok) };
+            return AppFuture::new(AppKind::Health { response: Some(ok) }, None);
         }
+        let hangup = match &self.socket {
+            Some(socket) if is_live(request.uri()) => Some(Hangup::new(socket.clone())),
+            _ => None,
+        };
         let mut streams = self.streams.clone();
         // The layers and the service are always ready; a stack that is not
         // is waited for the usual way.
         let mut cx = Context::from_waker(Waker::noop());
-        match streams.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => AppFuture::Streams {
+        let kind = match streams.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => AppKind::Streams {
                 future: streams.call(request),
             },
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => AppFuture::Waiting {
+            Poll::Pending => AppKind::Waiting {
                 future: Box::pin(streams.oneshot(request)),
             },
-        }
+        };
+        AppFuture::new(kind, hangup)
+    }
+}
+
+/// Whether `uri` asks for a live read (`live=long-poll`, `live=sse`).
+fn is_live(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.split('=').next() == Some("live"))
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`App`]: a live read ends early if its client hangs up.
+    struct AppFuture<S>
+    where
+        S: tower::Service<Request<Incoming>>,
+    {
+        #[pin]
+        kind: AppKind<S>,
+        hangup: Option<Hangup>,
+    }
+}
+
+impl<S: tower::Service<Request<Incoming>>> AppFuture<S> {
+    fn new(kind: AppKind<S>, hangup: Option<Hangup>) -> Self {
+        Self { kind, hangup }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of [`App`].
     #[project = AppProj]
-    enum AppFuture<S>
+    enum AppKind<S>
     where
         S: tower::Service<Request<Incoming>>,
     {
@@ -371,18 +415,33 @@ impl<S, B> Future for AppFuture<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
 {
-    type Output = Result<Response<Either<Full<Bytes>, B>>, Infallible>;
+    type Output = Result<Response<Live<Either<Full<Bytes>, B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = match self.project() {
-            AppProj::Health { response } => {
-                let response = response.take().expect("polled after completion");
-                return Poll::Ready(Ok(response.map(Either::Left)));
+        let this = self.project();
+        let polled = match this.kind.project() {
+            AppProj::Health { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("polled after completion")
+                .map(Either::Left))),
+            AppProj::Streams { future } => future.poll(cx).map_ok(|r| r.map(Either::Right)),
+            AppProj::Waiting { future } => {
+                future.as_mut().poll(cx).map_ok(|r| r.map(Either::Right))
             }
-            AppProj::Streams { future } => ready!(future.poll(cx))?,
-            AppProj::Waiting { future } => ready!(future.as_mut().poll(cx))?,
         };
-        Poll::Ready(Ok(response.map(Either::Right)))
+        let response = match polled {
+            Poll::Ready(Ok(response)) => response,
+            Poll::Ready(Err(never)) => match never {},
+            // A long poll waiting at the tail for a client that has gone.
+            Poll::Pending => {
+                return match this.hangup.as_mut().map(|hangup| hangup.poll(cx)) {
+                    Some(Poll::Ready(hung_up)) => Poll::Ready(Err(hung_up.into())),
+                    _ => Poll::Pending,
+                }
+            }
+        };
+        let hangup = this.hangup.take();
+        Poll::Ready(Ok(response.map(|body| Live::new(body, hangup))))
     }
 }
 

@@ -1,0 +1,194 @@
+//! Noticing a client that hangs up on a live read.
+//!
+//! The server runs hyper's HTTP/1 with `half_close(true)`: a client may send
+//! its request, close its side of the connection (`printf ... | nc -N`,
+//! `shutdown(SHUT_WR)`) and still get its answer. The price is that hyper
+//! stops reading while a response is under way, so it would not notice an
+//! SSE or long-poll client that went away until the next event fails to
+//! write, or the timeout passes; until then the connection holds its
+//! buffers and its subscription.
+//!
+//! A live read has no answer to finish for a client that has closed its
+//! side, so [`Hangup`] watches the socket while one is under way. Once the
+//! client's end-of-file arrives, the read fails with [`HungUp`], hyper
+//! closes the connection, and everything the read held is dropped.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection's socket, shared between hyper, which reads and writes
+/// it, and the [`Hangup`] watch of a live read on it.
+#[derive(Clone)]
+pub(crate) struct Socket(Arc<TcpStream>);
+
+impl Socket {
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        Self(Arc::new(stream))
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result.map(drop)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Arc::get_mut(&mut self.get_mut().0) {
+            Some(stream) => Pin::new(stream).poll_shutdown(cx),
+            // A live read still watches the socket; closing it when both
+            // are gone will do.
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The error a live read ends with when its client has hung up.
+#[derive(Debug)]
+pub(crate) struct HungUp;
+
+impl fmt::Display for HungUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the client closed the connection during a live read")
+    }
+}
+
+impl std::error::Error for HungUp {}
+
+/// Watches a socket for its client's end-of-file.
+pub(crate) struct Hangup {
+    socket: Socket,
+    /// The client sent more bytes instead (a pipelined request): nothing
+    /// more can be learned without reading them, which is hyper's job.
+    done: bool,
+}
+
+impl Hangup {
+    pub(crate) fn new(socket: Socket) -> Self {
+        Self {
+            socket,
+            done: false,
+        }
+    }
+
+    /// Ready with [`HungUp`] once the client has closed its side or the
+    /// connection has failed; pending otherwise.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<HungUp> {
+        if self.done {
+            return Poll::Pending;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        match ready!(self.socket.0.poll_peek(cx, &mut buf)) {
+            Ok(0) | Err(_) => Poll::Ready(HungUp),
+            Ok(_) => {
+                self.done = true;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that fails with [`HungUp`] when the client of the
+    /// live read it answers hangs up.
+    pub(crate) struct Live<T> {
+        #[pin]
+        inner: T,
+        hangup: Option<Hangup>,
+    }
+}
+
+impl<B> Live<B> {
+    /// Watches `hangup`, if there is one, while `inner` is sent.
+    pub(crate) fn new(inner: B, hangup: Option<Hangup>) -> Self {
+        Self { inner, hangup }
+    }
+}
+
+impl<B> Body for Live<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match this.hangup.as_mut().map(|h| h.poll(cx)) {
+            Some(Poll::Ready(hung_up)) => Poll::Ready(Some(Err(hung_up.into()))),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
