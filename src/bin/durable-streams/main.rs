@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -241,6 +242,7 @@ where
     http2
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30));
+    let protocols = Arc::new(Protocols { http1, http2 });
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -255,28 +257,13 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let mut service = app.clone();
-                let (http1, http2) = (http1.clone(), http2.clone());
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let ended: Result<(), Box<dyn std::error::Error + Send + Sync>> =
-                        match speaks_h2(&stream).await {
-                            Ok(true) => {
-                                let conn = http2.serve_connection(TokioIo::new(stream), service);
-                                watcher.watch(conn).await.map_err(Into::into)
-                            }
-                            Ok(false) => {
-                                let socket = Socket::new(stream);
-                                service.socket = Some(socket.clone());
-                                let conn = http1.serve_connection(TokioIo::new(socket), service);
-                                watcher.watch(conn).await.map_err(Into::into)
-                            }
-                            Err(e) => Err(e.into()),
-                        };
-                    if let Err(e) = ended {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    app.clone(),
+                    protocols.clone(),
+                    graceful.watcher(),
+                ));
             }
             () = &mut shutdown => break,
         }
@@ -290,6 +277,55 @@ where
         tracing::info!("closing connections that are still open");
     }
     Ok(())
+}
+
+/// The connection settings of the two protocols the server speaks.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+/// Serves one connection, in either protocol.
+///
+/// The task of a connection lives as long as the connection, which for an
+/// SSE reader is long, so it is kept small: the settings are shared, and
+/// each protocol's connection state is boxed, sized for that protocol
+/// alone. One future holding both would be about 4 KB.
+async fn connection<S, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut service: App<S>,
+    protocols: Arc<Protocols>,
+    watcher: Watcher,
+) where
+    App<S>: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    <App<S> as hyper::service::Service<Request<Incoming>>>::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let ended: Result<(), BoxError> = match speaks_h2(&stream).await {
+        Ok(true) => {
+            let conn = protocols
+                .http2
+                .serve_connection(TokioIo::new(stream), service);
+            Box::pin(watcher.watch(conn)).await.map_err(Into::into)
+        }
+        Ok(false) => {
+            let socket = Socket::new(stream);
+            service.socket = Some(socket.clone());
+            let conn = protocols
+                .http1
+                .serve_connection(TokioIo::new(socket), service);
+            Box::pin(watcher.watch(conn)).await.map_err(Into::into)
+        }
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// Whether a new connection opens with the HTTP/2 connection preface (h2c
