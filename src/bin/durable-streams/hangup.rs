@@ -16,7 +16,7 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
@@ -27,12 +27,20 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A connection's socket, shared between hyper, which reads and writes
 /// it, and the [`Hangup`] watch of a live read on it.
+///
+/// Both use it from the connection's task, so the lock is never contended;
+/// it lends hyper the stream's own reads and writes, which skip the system
+/// call a short read shows would find nothing.
 #[derive(Clone)]
-pub(crate) struct Socket(Arc<TcpStream>);
+pub(crate) struct Socket(Arc<Mutex<TcpStream>>);
 
 impl Socket {
     pub(crate) fn new(stream: TcpStream) -> Self {
-        Self(Arc::new(stream))
+        Self(Arc::new(Mutex::new(stream)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TcpStream> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -42,13 +50,7 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read_buf(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result.map(drop)),
-            }
-        }
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
     }
 }
 
@@ -58,13 +60,7 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
+        Pin::new(&mut *self.lock()).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -72,30 +68,19 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                result => return Poll::Ready(result),
-            }
-        }
+        Pin::new(&mut *self.lock()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.lock().is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Arc::get_mut(&mut self.get_mut().0) {
-            Some(stream) => Pin::new(stream).poll_shutdown(cx),
-            // A live read still watches the socket; closing it when both
-            // are gone will do.
-            None => Poll::Ready(Ok(())),
-        }
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
     }
 }
 
@@ -135,7 +120,7 @@ impl Hangup {
         }
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
-        match ready!(self.socket.0.poll_peek(cx, &mut buf)) {
+        match ready!(self.socket.lock().poll_peek(cx, &mut buf)) {
             Ok(0) | Err(_) => Poll::Ready(HungUp),
             Ok(_) => {
                 self.done = true;
