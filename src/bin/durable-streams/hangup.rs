@@ -133,9 +133,9 @@ impl Hangup {
 pin_project_lite::pin_project! {
     /// A response body that fails with [`HungUp`] when the client of the
     /// live read it answers hangs up.
-    pub(crate) struct Live<T> {
+    pub(crate) struct Live<B> {
         #[pin]
-        inner: T,
+        inner: B,
         hangup: Option<Hangup>,
     }
 }
