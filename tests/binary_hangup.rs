@@ -143,3 +143,33 @@ fn an_event_stream_ends_when_its_client_hangs_up() {
         "{reply}"
     );
 }
+
+#[test]
+fn a_live_read_ends_when_its_client_hangs_up_after_sending_more() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start(data.path());
+    create(server.1, "chatty");
+
+    for query in ["offset=now&live=long-poll", "offset=-1&live=sse"] {
+        let mut conn = TcpStream::connect(server.1).unwrap();
+        let get = format!("GET /v1/stream/chatty?{query} HTTP/1.1\r\nHost: t\r\n\r\n");
+        conn.write_all(get.as_bytes()).unwrap();
+        // Bytes the server may not read while the live read is under way,
+        // sent once it is waiting, then the end-of-file behind them.
+        std::thread::sleep(Duration::from_millis(200));
+        conn.write_all(b"junk").unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        conn.set_read_timeout(Some(PATIENCE)).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                // Closing with the junk unread resets the connection.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("{query}: still open after {:?} ({e})", started.elapsed()),
+            }
+        }
+    }
+}

@@ -14,14 +14,18 @@
 //! closes the connection, and everything the read held is dropped.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -96,35 +100,48 @@ impl fmt::Display for HungUp {
 
 impl std::error::Error for HungUp {}
 
+/// How often a watch that found bytes waiting looks for the client's
+/// shutdown behind them.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// Watches a socket for its client's end-of-file.
 pub(crate) struct Hangup {
     socket: Socket,
-    /// The client sent more bytes instead (a pipelined request): nothing
-    /// more can be learned without reading them, which is hyper's job.
-    done: bool,
+    /// Set once the client has sent more bytes (junk, or a request pipelined
+    /// behind this one). A peek then finds those rather than the
+    /// end-of-file, and only hyper may read them, so the socket is looked
+    /// at now and then for the shutdown the kernel records behind them.
+    recheck: Option<Pin<Box<Sleep>>>,
 }
 
 impl Hangup {
     pub(crate) fn new(socket: Socket) -> Self {
         Self {
             socket,
-            done: false,
+            recheck: None,
         }
     }
 
     /// Ready with [`HungUp`] once the client has closed its side or the
     /// connection has failed; pending otherwise.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<HungUp> {
-        if self.done {
-            return Poll::Pending;
-        }
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        match ready!(self.socket.lock().poll_peek(cx, &mut buf)) {
-            Ok(0) | Err(_) => Poll::Ready(HungUp),
-            Ok(_) => {
-                self.done = true;
-                Poll::Pending
+        loop {
+            let Some(recheck) = &mut self.recheck else {
+                let mut byte = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut byte);
+                match ready!(self.socket.lock().poll_peek(cx, &mut buf)) {
+                    Ok(0) | Err(_) => return Poll::Ready(HungUp),
+                    Ok(_) => self.recheck = Some(Box::pin(tokio::time::sleep(RECHECK))),
+                }
+                continue;
+            };
+            ready!(recheck.as_mut().poll(cx));
+            let stream = self.socket.lock();
+            let readiness = std::pin::pin!(stream.ready(Interest::READABLE));
+            match readiness.poll(cx) {
+                Poll::Ready(Ok(ready)) if ready.is_read_closed() => return Poll::Ready(HungUp),
+                Poll::Ready(Err(_)) => return Poll::Ready(HungUp),
+                _ => recheck.as_mut().reset(Instant::now() + RECHECK),
             }
         }
     }
