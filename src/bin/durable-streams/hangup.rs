@@ -147,6 +147,14 @@ impl Hangup {
     }
 }
 
+/// Polls the watch of a live read, if it has one: ready once its client has
+/// hung up, pending otherwise (and for ever without a watch).
+pub(crate) fn poll_hangup(hangup: &mut Option<Hangup>, cx: &mut Context<'_>) -> Poll<HungUp> {
+    hangup
+        .as_mut()
+        .map_or(Poll::Pending, |hangup| hangup.poll(cx))
+}
+
 pin_project_lite::pin_project! {
     /// A response body that fails with [`HungUp`] when the client of the
     /// live read it answers hangs up.
@@ -180,10 +188,7 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        match this.hangup.as_mut().map(|h| h.poll(cx)) {
-            Some(Poll::Ready(hung_up)) => Poll::Ready(Some(Err(hung_up.into()))),
-            _ => Poll::Pending,
-        }
+        poll_hangup(this.hangup, cx).map(|hung_up| Some(Err(hung_up.into())))
     }
 
     fn is_end_stream(&self) -> bool {

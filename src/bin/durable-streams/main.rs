@@ -25,7 +25,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{ServiceBuilder, ServiceExt};
 
-use crate::hangup::{Hangup, Live, Socket};
+use crate::hangup::{poll_hangup, Hangup, Live, Socket};
 use tower_durable_streams::storage::{
     FileStorage, PostgresStorage, StorageRequest, StorageResponse, StreamError, SyncMode,
 };
@@ -470,10 +470,7 @@ where
             Poll::Ready(Err(never)) => match never {},
             // A long poll waiting at the tail for a client that has gone.
             Poll::Pending => {
-                return match this.hangup.as_mut().map(|hangup| hangup.poll(cx)) {
-                    Some(Poll::Ready(hung_up)) => Poll::Ready(Err(hung_up.into())),
-                    _ => Poll::Pending,
-                }
+                return poll_hangup(this.hangup, cx).map(|hung_up| Err(hung_up.into()))
             }
         };
         let hangup = this.hangup.take();
